@@ -1,0 +1,139 @@
+"""The harness's one exception tree.
+
+Every error the harness raises on purpose derives from :class:`HarnessError`, so a case or
+the pytest plugin can tell "the harness says something is wrong" from a Python bug::
+
+    HarnessError
+     +-- ConfigError            bad option, missing binary, unusable accelerator
+     +-- Qcow2FormatError       an image file that is not the qcow2 it should be
+     +-- GoldenError            golden file problems (missing section, bad header)
+     +-- ToolError              qemu-img / qemu-io / qemu-nbd exited non-zero
+     +-- MachineError           anything about one QEMU process (carries its log tail)
+          +-- LaunchError       QEMU exited or never connected while starting
+          +-- MachineExitError  QEMU died (signal, non-zero status) when nobody asked
+          +-- QMPError          a QMP command QEMU answered with an error
+          +-- MachineTimeout    an event, a job or a shutdown did not come in time
+          +-- MachineStateError a call that needs a running VM on a stopped one
+
+Subclasses keep the context a bug report needs (argv, exit status, what was sent and
+received), so the message alone explains the failure.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+
+class HarnessError(Exception):
+    """Root of every error raised by the harness on purpose."""
+
+
+class ConfigError(HarnessError):
+    """The environment or the options cannot work: say what and where in one sentence."""
+
+
+class Qcow2FormatError(HarnessError, ValueError):
+    """An image file is not a well-formed qcow2 file (or not qcow2 at all)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class GoldenError(HarnessError):
+    """A golden file cannot be used as it is (missing section, duplicate header...)."""
+
+
+def describe_status(status: int | None) -> str:
+    """Say how a process ended, the way a person would ("killed by SIGKILL")."""
+    if status is None:
+        return "still running"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name}"
+    return f"exit status {status}"
+
+
+def format_argv(argv: Sequence[str]) -> str:
+    """A command line that can be pasted into a shell."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+class ToolError(HarnessError):
+    """A qemu-img / qemu-io / qemu-nbd run failed."""
+
+    def __init__(self, argv: Sequence[str], status: int | None, stdout: str, stderr: str) -> None:
+        self.argv = list(argv)
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        detail = (stderr.strip() or stdout.strip() or "(no output)").splitlines()[-10:]
+        super().__init__(
+            f"{self.argv[0].rsplit('/', 1)[-1]} failed ({describe_status(status)}): "
+            + "\n  ".join(detail)
+            + f"\n  command: {format_argv(self.argv)}"
+        )
+
+
+class MachineError(HarnessError):
+    """Something about one QEMU process; the message ends with its command line and log."""
+
+    def __init__(
+        self,
+        vm: str,
+        message: str,
+        argv: Sequence[str] = (),
+        status: int | None = None,
+        log_tail: str = "",
+    ) -> None:
+        self.vm = vm
+        self.argv = list(argv)
+        self.status = status
+        self.log_tail = log_tail
+        self.reason = message
+        parts = [f"vm {vm!r}: {message}"]
+        if self.argv:
+            parts.append(f"  command: {format_argv(self.argv)}")
+        if status is not None:
+            parts.append(f"  status: {describe_status(status)}")
+        if log_tail.strip():
+            parts.append("  log tail:\n" + "\n".join("    " + ln for ln in log_tail.splitlines()))
+        super().__init__("\n".join(parts))
+
+
+class LaunchError(MachineError):
+    """QEMU exited, or never connected to the QMP socket, while starting."""
+
+
+class MachineExitError(MachineError):
+    """QEMU ended when the case did not ask it to (signal, non-zero status, lost QMP)."""
+
+
+class MachineTimeout(MachineError):
+    """An event, a job or a shutdown did not happen within its timeout."""
+
+
+class MachineStateError(MachineError):
+    """A call that needs a running VM was made on one that is not running."""
+
+
+class QMPError(MachineError):
+    """QEMU answered a QMP command with an error; keeps what was sent and received."""
+
+    def __init__(self, vm: str, sent: dict[str, Any], received: dict[str, Any]) -> None:
+        self.sent = sent
+        self.received = received
+        err = received.get("error", {})
+        self.error_class: str = str(err.get("class", "?"))
+        self.desc: str = str(err.get("desc", "?"))
+        super().__init__(
+            vm, f"{sent.get('execute')} failed: {self.error_class}: {self.desc}\n"
+            f"  sent: {sent}\n  received: {received}"
+        )

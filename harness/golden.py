@@ -1,0 +1,206 @@
+"""Golden files: ``expected/<case>.out``, one section per test.
+
+Format (one blank line closes each section)::
+
+    === test_restart ===
+    {"execute": "block-dirty-bitmap-add", ...}
+    {"return": {}}
+
+    === test_reopen[ro] ===
+    ...
+
+A section header is a line ``=== <test name> ===`` where the name starts with ``test``;
+transcripts are not allowed to contain such a line, so the format is unambiguous. Each
+test compares only its own section, which is what makes ``-k`` and ``-n`` work. Updating
+is explicit (``--regen``) and rewrites only the sections of the tests that ran, keeping
+the order of the file and appending new sections at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import GoldenError
+
+_HEADER = re.compile(r"^=== (test\S*) ===$")
+
+
+def is_section_header(line: str) -> bool:
+    return _HEADER.match(line) is not None
+
+
+def header(name: str) -> str:
+    return f"=== {name} ==="
+
+
+def golden_path_for(case_file: Path, expected_dir: Path) -> Path:
+    """``cases/test_165.py`` -> ``expected/165.out``."""
+    stem = case_file.stem
+    return expected_dir / f"{stem.removeprefix('test_')}.out"
+
+
+def section_name(nodeid: str) -> str:
+    """The section a test owns: its name inside the module, classes joined with dots."""
+    inner = nodeid.split("::", 1)[1] if "::" in nodeid else nodeid
+    return inner.replace("::", ".")
+
+
+@dataclass
+class GoldenFile:
+    """The parsed sections of one golden file, in file order."""
+
+    path: Path
+    sections: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> GoldenFile:
+        """Parse ``path``; a file that does not exist has no sections."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(path)
+        return cls(path, parse(text, str(path)))
+
+    def section(self, name: str) -> str:
+        if name not in self.sections:
+            where = self.path if self.path.exists() else f"{self.path} (the file does not exist)"
+            raise GoldenError(
+                f"{where} has no section '{header(name)}'; run the test with --regen to "
+                "create it, then read it before committing"
+            )
+        return self.sections[name]
+
+    def updated(self, new: Mapping[str, str]) -> GoldenFile:
+        """A copy with ``new`` sections replaced in place or appended."""
+        merged = dict(self.sections)
+        merged.update(new)
+        return GoldenFile(self.path, merged)
+
+    def render(self) -> str:
+        return "".join(f"{header(n)}\n{body}\n" for n, body in self.sections.items())
+
+    def write(self) -> None:
+        """Write atomically: a crash never leaves a half-written golden file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.render())
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def orphans(self, owned: Iterable[str]) -> list[str]:
+        """Sections that no test owns."""
+        owned_set = set(owned)
+        return [n for n in self.sections if n not in owned_set]
+
+
+def parse(text: str, where: str) -> dict[str, str]:
+    """Split golden text into sections; stray text or duplicate headers are errors."""
+    sections: dict[str, str] = {}
+    current: str | None = None
+    body: list[str] = []
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, line in enumerate(lines, 1):
+        m = _HEADER.match(line)
+        if m:
+            if current is not None:
+                sections[current] = _close(body)
+            current = m.group(1)
+            if current in sections:
+                raise GoldenError(f"{where}:{lineno}: section '{header(current)}' appears twice")
+            body = []
+        elif current is None:
+            raise GoldenError(f"{where}:{lineno}: text before the first '=== test... ===' header")
+        else:
+            body.append(line)
+    if current is not None:
+        sections[current] = _close(body)
+    return sections
+
+
+def _close(body: list[str]) -> str:
+    # one blank line separates sections; it is not part of the section
+    if body and body[-1] == "":
+        body = body[:-1]
+    return "".join(line + "\n" for line in body)
+
+
+def diff(expected: str, actual: str, expected_label: str, actual_label: str) -> str:
+    """A unified diff, empty when the texts are equal."""
+    return "".join(
+        difflib.unified_diff(
+            expected.splitlines(keepends=True),
+            actual.splitlines(keepends=True),
+            fromfile=expected_label,
+            tofile=actual_label,
+        )
+    )
+
+
+class GoldenMismatch(GoldenError, AssertionError):
+    """The transcript differs from the golden section; the message is the diff."""
+
+
+def compare(golden: Path, name: str, actual: str, actual_file: Path,
+            label: str | None = None) -> None:
+    """Compare ``actual`` with section ``name`` of ``golden``; on mismatch save and raise.
+
+    ``label`` is how the golden file is named in the message (a path relative to the
+    project, as a reviewer would type it).
+    """
+    expected = GoldenFile.load(golden).section(name)
+    golden_label = label or str(golden)
+    if expected == actual:
+        with_suppressed_unlink(actual_file)
+        return
+    actual_file.parent.mkdir(parents=True, exist_ok=True)
+    actual_file.write_text(actual, encoding="utf-8")
+    text = diff(expected, actual, f"{golden_label} ({header(name)})", str(actual_file))
+    raise GoldenMismatch(
+        f"output differs from {golden_label}, section '{header(name)}':\n{text}"
+        f"actual output saved in {actual_file}; if the new output is right, rerun with --regen"
+    )
+
+
+def with_suppressed_unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class RegenStore:
+    """Collects new sections during a run and writes each golden file once at the end.
+
+    Under xdist every worker sends its sections to the controller, which alone writes, so
+    two workers never race on one file.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, dict[str, str]] = {}
+
+    def record(self, golden: Path, name: str, text: str) -> None:
+        self._pending.setdefault(golden, {})[name] = text
+
+    def write_all(self) -> list[tuple[Path, list[str]]]:
+        """Write every touched file; returns (file, changed section names)."""
+        written = []
+        for path, new in sorted(self._pending.items()):
+            old = GoldenFile.load(path)
+            changed = [n for n, t in new.items() if old.sections.get(n) != t]
+            if changed:
+                old.updated(new).write()
+            written.append((path, changed))
+        self._pending.clear()
+        return written

@@ -1,0 +1,143 @@
+"""Session-wide environment (binaries, probe, accelerator) and the per-test case context.
+
+These are plain classes: pytest fixtures only create them, yield, and close them. The
+environment is discovered once (by the xdist controller, or by the only process) and
+travels to workers as JSON, so every worker tests the same binaries with the same accel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
+from harness.errors import HarnessError, MachineError
+from harness.filters import path_filter
+from harness.machine import Machine, short_socket_dir
+from harness.processes import REGISTRY
+from harness.tools import QemuImg, QemuIO, QemuNBD
+from harness.transcript import Transcript
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The QEMU under test, what it can do, and the accelerator chosen for this run."""
+
+    binaries: Binaries
+    probe: Probe
+    accel: str
+    accel_note: str
+
+    @classmethod
+    def discover(cls, explicit: Mapping[str, str | None], build_dir: str | None,
+                 accel: str, env: Mapping[str, str]) -> Environment:
+        """Find and probe QEMU; raises ConfigError with one sentence when it cannot work."""
+        binaries = find_binaries(explicit, build_dir, env)
+        missing = binaries.missing_required()
+        if missing:
+            binaries.path(next(r.key for r in ROLES if r.name == missing[0]))
+        p = probe(binaries)
+        chosen, note = resolve_accel(accel, p)
+        return cls(binaries, p, chosen, note)
+
+    def to_json(self) -> str:
+        progs = {k: [v.path, v.source] for k, v in self.binaries.programs.items()}
+        return json.dumps({"programs": progs, "probe": self.probe.to_json(),
+                           "accel": self.accel, "accel_note": self.accel_note})
+
+    @classmethod
+    def from_json(cls, text: str) -> Environment:
+        d = json.loads(text)
+        progs = {k: Program(k, v[0], v[1]) for k, v in d["programs"].items()}
+        return cls(Binaries(progs), Probe.from_json(d["probe"]), d["accel"], d["accel_note"])
+
+    def header_lines(self) -> list[str]:
+        """What the pytest header shows: version, accelerator (said once), binaries."""
+        lines = [f"qemu: {self.probe.version} ({self.probe.package or 'no package string'})",
+                 f"accel: {self.accel_note}"]
+        for role in ROLES:
+            prog = self.binaries.programs[role.key]
+            lines.append(f"  {role.name}: {prog.path or '-'} [{prog.source}]")
+        return lines
+
+    def missing_commands(self, commands: Sequence[str]) -> list[str]:
+        return [c for c in commands if not self.probe.has_command(c)]
+
+
+class Case:
+    """Everything one test uses: scratch dir, socket dir, transcript, tools, VMs."""
+
+    def __init__(self, env: Environment, scratch: Path) -> None:
+        self.env = env
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self.sockdir = short_socket_dir()
+        self.log = Transcript([path_filter(str(self.scratch), "TEST_DIR"),
+                               path_filter(str(self.sockdir), "SOCK_DIR")])
+        self.img = QemuImg(env.binaries.path("img"), self.scratch, self.log)
+        self.io = QemuIO(env.binaries.path("io"), self.scratch, self.log)
+        self.machines: list[Machine] = []
+        self.nbd_servers: list[QemuNBD] = []
+        self._pids_before = {pid for pid, _ in REGISTRY.alive()}
+
+    @property
+    def probe(self) -> Probe:
+        return self.env.probe
+
+    def path(self, name: str) -> Path:
+        """A file in the scratch directory."""
+        return self.scratch / name
+
+    def vm(self, name: str = "vm0", args: Sequence[str] = (), machine_type: str = "pc",
+           log_prefix: str = "", **kw: Any) -> Machine:
+        """A Machine (not launched yet) that is shut down when the test ends."""
+        m = Machine(name, self.env.binaries.path("system"), scratch=self.scratch,
+                    accel=self.env.accel, args=args, machine_type=machine_type,
+                    sockdir=self.sockdir, transcript=self.log, log_prefix=log_prefix, **kw)
+        self.machines.append(m)
+        return m
+
+    def nbd(self, image: str | Path, *args: str, name: str = "nbd0") -> QemuNBD:
+        """A qemu-nbd server (not started yet) on a socket in the short socket dir."""
+        server = QemuNBD(self.env.binaries.path("nbd"), self.scratch,
+                         self.sockdir / f"{name}.sock", image, tuple(args))
+        self.nbd_servers.append(server)
+        return server
+
+    def check_machines(self) -> None:
+        """Raise if a VM of this test died without being asked to."""
+        for m in self.machines:
+            m.check_alive()
+
+    def close(self, failed: bool) -> list[str]:
+        """Stop everything this test started; return problems found (not raised).
+
+        After a failed test VMs are stopped without checking their exit status, so the
+        report shows the test's own error rather than a second one from teardown.
+        """
+        problems: list[str] = []
+        for m in self.machines:
+            try:
+                m.shutdown(check=not failed)
+            except MachineError as e:
+                problems.append(str(e))
+            except HarnessError as e:  # pragma: no cover - defensive
+                problems.append(str(e))
+        for s in self.nbd_servers:
+            s.stop()
+        left = [(pid, label) for pid, label in REGISTRY.alive() if pid not in self._pids_before]
+        for pid, label in left:
+            problems.append(f"process {pid} ({label}) was still running after the test; "
+                            "killed it")
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+            REGISTRY.forget(pid)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        return problems
