@@ -216,15 +216,15 @@ def test_header_without_bitmaps(tmp_path: Path, options: list[str], version: int
     if "-b" in options:
         assert exts["backing-format"] == b"qcow2"
         assert h.backing_file_size == len(str(base))
-    if version == 3:
-        assert "feature-table" in exts
+    # QEMU writes the feature name table into v3 headers, except with small clusters.
+    assert ("feature-table" in exts) == (version == 3 and h.cluster_size == 64 * KiB)
 
 
 def test_several_bitmaps_and_granularities(tmp_path: Path) -> None:
-    size = 200 * MiB + 512  # not a multiple of any granularity: the last granule is clipped
+    size = 200 * MiB + 512  # so the last granule of every bitmap but g512 is clipped
     path = create(tmp_path / "img.qcow2", size)
-    for name, gran in [("g512", "512"), ("g2m", "2M"), ("g64m", "64M"), ("paused", "4096")]:
-        qemu_img("bitmap", "--add", "-g", gran, path, name)
+    for bitmap, gran_arg in [("g512", "512"), ("g2m", "2M"), ("g64m", "64M"), ("paused", "4K")]:
+        qemu_img("bitmap", "--add", "-g", gran_arg, path, bitmap)
     qemu_img("bitmap", "--add", path, "g64k")  # QEMU's default granularity
     qemu_img("bitmap", "--add", "--disable", path, "off")
     # Granule 13 of g512 is bit 5 of byte 1: a parser with the wrong bit order misses it.
@@ -257,9 +257,9 @@ def test_several_bitmaps_and_granularities(tmp_path: Path) -> None:
     g64m = image.bitmap("g64m")
     assert g64m.dirty_ranges() == [(0, size)]
     assert g64m.dirty_bytes() == 4 * 64 * MiB
-    off = image.bitmap("off")
-    assert off.dirty_ranges() == [] and off.dirty_bytes() == counts["off"] == 0
-    assert not off.auto and all(e.kind == "zeroes" for e in off.table)
+    disabled = image.bitmap("off")
+    assert disabled.dirty_ranges() == [] and disabled.dirty_bytes() == counts["off"] == 0
+    assert not disabled.auto and all(e.kind == "zeroes" for e in disabled.table)
 
 
 def test_large_image_bitmap_spans_many_table_entries(tmp_path: Path) -> None:
@@ -428,7 +428,7 @@ def test_not_qcow2(tmp_path: Path) -> None:
     check_format_error(text, "header", "past the end")
 
 
-def test_truncated_or_damaged(tmp_path: Path) -> None:
+def test_truncated_or_pointing_past_eof(tmp_path: Path) -> None:
     path = create(tmp_path / "img.qcow2", 64 * MiB)
     qemu_img("bitmap", "--add", path, "b")
     with Qemu(path, tmp_path / "qemu.log") as vm:
@@ -437,17 +437,38 @@ def test_truncated_or_damaged(tmp_path: Path) -> None:
     image = Qcow2Image.open(path)
     ext, bm = image.bitmaps_extension, image.bitmap("b")
     assert ext is not None and bm.table[0].kind == "data"
-    cuts = {
-        "header": 90,
-        "bitmap directory": ext.bitmap_directory_offset + 8,
-        "bitmap table": bm.table_offset + 4,
-        "data cluster 0": bm.table[0].offset + 1,
+    original = path.read_bytes()
+
+    def variant(name: str) -> Path:
+        copy = tmp_path / name
+        copy.write_bytes(original)
+        return copy
+
+    # Truncated: inside the v3 header, then inside whichever bitmap structure comes last.
+    structures = {
+        "bitmap directory": ext.bitmap_directory_offset,
+        "bitmap table": bm.table_offset,
+        "data cluster 0": bm.table[0].offset,
     }
-    for what, length in cuts.items():
-        cut = tmp_path / f"cut-{length}.qcow2"
-        cut.write_bytes(path.read_bytes()[:length])
+    last = max(structures, key=structures.__getitem__)
+    for what, length in [("header", 90), (last, structures[last] + 1)]:
+        cut = variant(f"cut-{length}.qcow2")
+        os.truncate(cut, length)
         check_format_error(cut, what, "past the end")
-    bad = tmp_path / "bad-entry.qcow2"
-    shutil.copy(path, bad)
+
+    # Offsets past the end of the file, one structure at a time.
+    far = struct.pack(">Q", 1 << 40)
+    ext_at = original.index(struct.pack(">I", 0x23852875), 0, 4096)
+    pointers = {
+        "bitmap directory": ext_at + 8 + 16,  # bitmap_directory_offset in the extension
+        "bitmap table": ext.bitmap_directory_offset,  # first field of the directory entry
+        "data cluster 0": bm.table_offset,  # table entry 0
+    }
+    for what, field_at in pointers.items():
+        moved = variant(f"moved-{field_at}.qcow2")
+        patch(moved, field_at, far)
+        check_format_error(moved, what, "past the end", str(1 << 40))
+
+    bad = variant("bad-entry.qcow2")
     patch(bad, bm.table_offset, struct.pack(">Q", bm.table[0].offset | 1))
     check_format_error(bad, "table entry 0 is invalid")

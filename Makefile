@@ -1,0 +1,55 @@
+# qiotests: `make check` runs the cases against real QEMU, `make selftest` the harness's
+# own tests. Both install what is missing first (scripts/setup.sh).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV := .venv
+PYTEST := $(VENV)/bin/pytest
+JOBS ?= 2
+QEMU_BUILD_DIR ?=
+QEMU_VERSIONS_DIR ?= $(abspath ..)/qemu-versions
+PYTEST_ARGS ?=
+ifneq ($(QEMU_BUILD_DIR),)
+QEMU_OPTS := --qemu-build $(QEMU_BUILD_DIR)
+endif
+export QEMU_BUILD_DIR
+
+.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@echo "  variables: QEMU_BUILD_DIR=DIR  JOBS=$(JOBS)  PYTEST_ARGS='...'"
+
+setup:  ## install QEMU (apt, when missing) and the .venv
+	@scripts/setup.sh
+
+check: setup  ## run every case against real QEMU (pytest -n JOBS)
+	$(PYTEST) cases -n $(JOBS) $(QEMU_OPTS) $(PYTEST_ARGS)
+
+check-quick: setup  ## run the cases marked quick
+	$(PYTEST) cases -n $(JOBS) -m quick $(QEMU_OPTS) $(PYTEST_ARGS)
+
+selftest: setup  ## run the harness's own tests
+	$(PYTEST) tests -n $(JOBS) $(PYTEST_ARGS)
+
+bench: setup  ## harness overhead vs a bare QEMU, as a ratio
+	$(VENV)/bin/python bench/overhead.py $(QEMU_OPTS)
+
+lint: setup  ## ruff and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+regen: setup  ## rewrite golden sections of the cases that run (read the diff after!)
+	$(PYTEST) cases -n $(JOBS) --regen $(QEMU_OPTS) $(PYTEST_ARGS)
+
+doctor: setup  ## print the QEMU found, its version, accelerators and QMP commands
+	$(VENV)/bin/qiotests doctor $(QEMU_OPTS)
+
+qemu-versions:  ## unpack bookworm-backports' QEMU next to the repo (QEMU_VERSIONS_DIR)
+	scripts/qemu-versions.sh $(QEMU_VERSIONS_DIR)
+
+check-versions: setup qemu-versions  ## run the cases against the system QEMU and the backports one
+	$(PYTEST) cases -n $(JOBS) $(PYTEST_ARGS)
+	$(PYTEST) cases -n $(JOBS) --qemu-build $$(cat $(QEMU_VERSIONS_DIR)/latest) $(PYTEST_ARGS)
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache
