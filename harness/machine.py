@@ -57,6 +57,24 @@ JOB_EVENTS = (
 EventMatch = Callable[[dict[str, Any]], bool]
 
 
+def blockdev(options: dict[str, Any]) -> list[str]:
+    """``-blockdev`` arguments in JSON form, so any option tree can be given as a dict."""
+    return ["-blockdev", json.dumps(options)]
+
+
+def qcow2_node(path: str | Path, node: str, read_only: bool = False,
+               **extra: Any) -> dict[str, Any]:
+    """Options for a qcow2 node over a file node, as ``-blockdev`` or ``blockdev-add`` take."""
+    opts: dict[str, Any] = {
+        "driver": "qcow2", "node-name": node,
+        "file": {"driver": "file", "filename": str(path)},
+    }
+    if read_only:
+        opts["read-only"] = True
+    opts.update(extra)
+    return opts
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last lines of a log file ('' if it does not exist)."""
     try:
@@ -108,6 +126,7 @@ class Machine:
         self._client: QMPClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: list[dict[str, Any]] = []
+        self._commands: frozenset[str] | None = None
         self._qmp_log: IO[str] | None = None
         self._expect_exit = False
         self.log_path = self.scratch / f"{name}.log"
@@ -169,6 +188,7 @@ class Machine:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._events = []
+        self._commands = None
         self.exit_status = None
         self._expect_exit = False
         self._loop = asyncio.new_event_loop()
@@ -396,6 +416,24 @@ class Machine:
             self.transcript.qmp_reply(reply, self.log_prefix)
         return reply
 
+    def has_command(self, name: str) -> bool:
+        """Whether this QEMU knows QMP command ``name`` (asked once per launch)."""
+        if self._commands is None:
+            self._commands = frozenset(c["name"] for c in self.qmp("query-commands"))
+        return name in self._commands
+
+    def blockdev_reopen(self, options: dict[str, Any], log: bool = True) -> dict[str, Any]:
+        """Reopen one node with new options: ``blockdev-reopen`` (6.1+, takes a list) or
+        ``x-blockdev-reopen`` (older, takes the options directly). Returns the reply."""
+        if self.has_command("blockdev-reopen"):
+            cmd, args = "blockdev-reopen", {"options": [options]}
+        elif self.has_command("x-blockdev-reopen"):
+            cmd, args = "x-blockdev-reopen", dict(options)
+        else:
+            raise MachineStateError(self.name, "this QEMU has neither blockdev-reopen nor "
+                                    "x-blockdev-reopen")
+        return self.qmp_log(cmd, **args) if log else self.qmp_raw(cmd, **args)
+
     def hmp(self, command_line: str) -> str:
         """A human monitor command through QMP; returns its text output."""
         return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
@@ -420,7 +458,10 @@ class Machine:
             if out.strip():
                 self.transcript.log(out)
         if check:
-            failed = [ln for ln in out.splitlines() if "failed" in ln]
+            # the HMP reply is empty on success: anything there is an error of the
+            # monitor command itself (unknown node, permission conflict)
+            failed = [ln for ln in reply.splitlines() if ln.strip()]
+            failed += [ln for ln in out.splitlines() if "failed" in ln]
             if failed:
                 raise MachineError(self.name, f"qemu-io {node} {command!r}: {failed[0]}",
                                    self.argv, None, tail(self.log_path))

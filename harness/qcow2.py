@@ -22,17 +22,6 @@ from typing import BinaryIO, Literal
 
 from harness.errors import HarnessError, Qcow2FormatError
 
-__all__ = [
-    "Bitmap",
-    "BitmapNotFoundError",
-    "BitmapTableEntry",
-    "BitmapsExtension",
-    "HeaderExtension",
-    "Qcow2FormatError",
-    "Qcow2Header",
-    "Qcow2Image",
-]
-
 QCOW2_MAGIC = b"QFI\xfb"
 
 EXT_END = 0x00000000
@@ -62,11 +51,9 @@ BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF00_0000_0000_01FE
 BME_TABLE_ENTRY_ALL_ONES = 1 << 0
-BITMAP_TYPE_DIRTY_TRACKING = 1
 
-# Bits of cluster data scanned at once when looking for dirty runs: big enough that an
-# all-zero or all-ones stretch costs one comparison, small enough that big-int shifts
-# inside a mixed chunk stay cheap.
+# Bytes of bitmap data scanned at once for dirty runs: big enough that a clean stretch
+# costs one comparison, small enough that the big-int shifts per run stay cheap.
 _SCAN_CHUNK = 512
 
 
@@ -196,7 +183,7 @@ class Bitmap:
 
     @property
     def usable(self) -> bool:
-        """Whether QEMU would trust this bitmap's data when it opens the image."""
+        """Whether the spec lets a reader trust this bitmap's data (QEMU: load it)."""
         return (
             self.extension_consistent
             and not self.in_use
@@ -296,7 +283,11 @@ class Qcow2Image:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Qcow2Image:
-        """Read and check the header, extensions, bitmap directory and bitmap data."""
+        """Read and check the header, extensions, bitmap directory and bitmap data.
+
+        Raises :class:`Qcow2FormatError` for a file that is not well-formed qcow2; errors
+        opening or reading the file itself (missing, unreadable) propagate as ``OSError``.
+        """
         with open(path, "rb") as f:
             return _Reader(os.fspath(path), f).image()
 
@@ -400,7 +391,8 @@ class _Reader:
                     f"header extension {ext_type:#010x} at offset {offset - 8} is {length} "
                     f"bytes long and overruns the header area ending at offset {end}"
                 )
-            found.append(HeaderExtension(ext_type, length, self.read(offset, length, "extension")))
+            what = f"header extension {ext_type:#010x}"
+            found.append(HeaderExtension(ext_type, length, self.read(offset, length, what)))
             offset += (length + 7) & ~7
         return tuple(found)
 
@@ -438,22 +430,10 @@ class _Reader:
             name = directory[body + extra_size : entry_end].decode("utf-8", "replace")
             if gran_bits > 63:
                 raise self.fail(f"bitmap {name!r} has granularity_bits {gran_bits}, over 63")
-            table, clusters = self.bitmap_table(header, name, t_off, t_size, gran_bits)
+            data = self.bitmap_table(header, name, t_off, t_size, gran_bits)
+            geometry = (header.virtual_size, header.cluster_size, header.bitmaps_autoclear)
             bitmaps.append(
-                Bitmap(
-                    name=name,
-                    flags=flags,
-                    type=bm_type,
-                    granularity_bits=gran_bits,
-                    table_offset=t_off,
-                    table_size=t_size,
-                    extra_data=extra,
-                    virtual_size=header.virtual_size,
-                    cluster_size=header.cluster_size,
-                    extension_consistent=header.bitmaps_autoclear,
-                    table=table,
-                    clusters=clusters,
-                )
+                Bitmap(name, flags, bm_type, gran_bits, t_off, t_size, extra, *geometry, *data)
             )
             pos = (entry_end + 7) & ~7
         if len(bitmaps) != ext.nb_bitmaps:

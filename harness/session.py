@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.bitmaps import HashLabels, ImageBitmap, LiveBitmap, image_bitmaps, live_bitmaps, sha256
 from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
 from harness.errors import HarnessError, MachineError
 from harness.filters import path_filter
@@ -84,6 +85,7 @@ class Case:
         self.machines: list[Machine] = []
         self.nbd_servers: list[QemuNBD] = []
         self._pids_before = {pid for pid, _ in REGISTRY.alive()}
+        self.hashes = HashLabels()
 
     @property
     def probe(self) -> Probe:
@@ -108,6 +110,36 @@ class Case:
                          self.sockdir / f"{name}.sock", image, tuple(args))
         self.nbd_servers.append(server)
         return server
+
+    def show_bitmaps(self, vm: Machine, node: str, hashes: bool = True) -> list[LiveBitmap]:
+        """Log the node's live bitmaps (count, granularity, flags, hash label)."""
+        found = live_bitmaps(vm, node)
+        if not found:
+            self.log.log(f"{vm.log_prefix}{node}: no bitmaps")
+        for b in found:
+            line = b.describe()
+            if hashes and self.probe.has_command("x-debug-block-dirty-bitmap-sha256"):
+                line += f" sha256={self.hashes(sha256(vm, node, b.name))}"
+            self.log.log(vm.log_prefix + line)
+        return found
+
+    def show_image_bitmaps(self, path: str | Path, force_share: bool = False) -> list[ImageBitmap]:
+        """Log the bitmaps ``qemu-img info`` reads from the image header."""
+        found = image_bitmaps(self.img, path, force_share=force_share)
+        where = f"qemu-img info{' -U' if force_share else ''} {Path(path).name}"
+        if not found:
+            self.log.log(f"{where}: no bitmaps")
+        for b in found:
+            self.log.log(f"{where}: {b.describe()}")
+        return found
+
+    def require_commands(self, *commands: str) -> None:
+        """Skip the test, saying why, when the QEMU under test lacks a QMP command."""
+        missing = self.env.missing_commands(commands)
+        if missing:
+            import pytest
+
+            pytest.skip(f"QEMU {self.probe.version} lacks QMP command(s) {', '.join(missing)}")
 
     def check_machines(self) -> None:
         """Raise if a VM of this test died without being asked to."""

@@ -1,0 +1,108 @@
+"""Dirty bitmaps as QEMU shows them: live over QMP, and offline through ``qemu-img info``.
+
+The transcript format is one line per bitmap with fields in a fixed order, so golden files
+read the same on every QEMU version (fields a version lacks are shown with their meaning,
+e.g. ``inconsistent`` absent means false). Hashes from ``x-debug-block-dirty-bitmap-sha256``
+are shown as labels (``H1``, ``H2``...) numbered by first appearance in the test: equal
+hashes get equal labels, and nothing in a golden file depends on QEMU's hash layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.machine import Machine
+from harness.tools import QemuImg
+
+
+@dataclass(frozen=True)
+class LiveBitmap:
+    """One bitmap as ``query-named-block-nodes`` reports it."""
+
+    name: str
+    count: int
+    granularity: int
+    persistent: bool
+    recording: bool
+    busy: bool
+    inconsistent: bool
+
+    def describe(self) -> str:
+        flags = [f for f in ("persistent", "recording", "busy", "inconsistent") if getattr(self, f)]
+        return (f"{self.name}: count={self.count} granularity={self.granularity} "
+                f"[{' '.join(flags) or '-'}]")
+
+
+def node_info(vm: Machine, node: str) -> dict[str, Any]:
+    """The ``query-named-block-nodes`` entry of ``node``."""
+    for entry in vm.qmp("query-named-block-nodes"):
+        if entry.get("node-name") == node:
+            return dict(entry)
+    raise HarnessError(f"vm {vm.name!r} has no block node named {node!r}")
+
+
+def live_bitmaps(vm: Machine, node: str) -> list[LiveBitmap]:
+    """The node's bitmaps, sorted by name."""
+    out = []
+    for b in node_info(vm, node).get("dirty-bitmaps", []):
+        out.append(LiveBitmap(
+            name=b.get("name", ""),
+            count=int(b["count"]),
+            granularity=int(b["granularity"]),
+            persistent=bool(b.get("persistent", False)),
+            recording=bool(b.get("recording", b.get("status") == "active")),
+            busy=bool(b.get("busy", b.get("status") == "locked")),
+            inconsistent=bool(b.get("inconsistent", False)),
+        ))
+    return sorted(out, key=lambda b: b.name)
+
+
+def live_bitmap(vm: Machine, node: str, name: str) -> LiveBitmap:
+    for b in live_bitmaps(vm, node):
+        if b.name == name:
+            return b
+    raise HarnessError(f"vm {vm.name!r}: node {node!r} has no bitmap {name!r}")
+
+
+def sha256(vm: Machine, node: str, name: str) -> str:
+    return str(vm.qmp("x-debug-block-dirty-bitmap-sha256", node=node, name=name)["sha256"])
+
+
+@dataclass(frozen=True)
+class ImageBitmap:
+    """One bitmap as ``qemu-img info`` reports it from the qcow2 header."""
+
+    name: str
+    granularity: int
+    flags: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.name}: granularity={self.granularity} flags=[{', '.join(self.flags)}]"
+
+    @property
+    def in_use(self) -> bool:
+        return "in-use" in self.flags
+
+
+def image_bitmaps(img: QemuImg, path: str | Path, force_share: bool = False) -> list[ImageBitmap]:
+    """The image's bitmaps from ``qemu-img info``, sorted by name."""
+    return sorted(
+        (ImageBitmap(b["name"], int(b["granularity"]), tuple(b.get("flags", [])))
+         for b in img.bitmaps(path, force_share=force_share)),
+        key=lambda b: b.name,
+    )
+
+
+class HashLabels:
+    """Stable labels for bitmap hashes: the first hash seen is H1, the next new one H2."""
+
+    def __init__(self) -> None:
+        self._labels: dict[str, str] = {}
+
+    def __call__(self, digest: str) -> str:
+        if digest not in self._labels:
+            self._labels[digest] = f"H{len(self._labels) + 1}"
+        return self._labels[digest]
