@@ -68,7 +68,7 @@ def test_add_enable_disable_remove(qio: Case, disk: str) -> None:
     qio.log.heading("QEMU writes: enabled bitmaps record, the disabled one does not")
     vm = open_vm(qio, disk)
     for off, length in WRITES:
-        vm.qemu_io("drive0", f"write -P 0x5a {off:#x} {length:#x}")
+        vm.qemu_io("drive0", f"write -P 0x5a {off:#x} {length:#x}", log=True)
     vm.shutdown()
     seen = look(qio, disk)
     assert seen["b0"][0].count == 3 * 0x10000
@@ -79,7 +79,7 @@ def test_add_enable_disable_remove(qio: Case, disk: str) -> None:
     qio.img.run("bitmap", "--disable", disk, "b0", log=True)
     qio.img.run("bitmap", "--enable", disk, "b2", log=True)
     vm = open_vm(qio, disk)
-    vm.qemu_io("drive0", "write -P 0x6b 0x2000000 0x1000")
+    vm.qemu_io("drive0", "write -P 0x6b 0x2000000 0x1000", log=True)
     vm.shutdown()
     after = look(qio, disk)
     assert after["b0"][1] == seen["b0"][1], "a disabled bitmap changed"
@@ -135,8 +135,8 @@ def test_clear_and_merge(qio: Case, disk: str) -> None:
 
 
 def test_convert_bitmaps(qio: Case, disk: str) -> None:
-    qio.log.heading("source: two dirty bitmaps (one disabled) and one at 512 B granularity")
-    dirty(qio, disk, ["a", "fine"])
+    qio.log.heading("source: two dirty bitmaps (a then disabled) and an empty one at 512 B granularity")
+    dirty(qio, disk, ["a", "b"])
     qio.img.run("bitmap", "--add", "-g", "512", disk, "g512", log=True)
     qio.img.run("bitmap", "--disable", disk, "a", log=True)
     src = look(qio, disk)
