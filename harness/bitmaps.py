@@ -106,3 +106,46 @@ class HashLabels:
         if digest not in self._labels:
             self._labels[digest] = f"H{len(self._labels) + 1}"
         return self._labels[digest]
+
+
+VIEW_BITMAP = "qiotests-view"
+
+
+def live_ranges(vm: Machine, node: str, name: str, img: QemuImg) -> list[tuple[int, int]]:
+    """The exact dirty ranges of a live bitmap, read over NBD the way backup tools do.
+
+    The bitmap is copied into a disabled temporary bitmap (an enabled one cannot be
+    exported read-only), the node is exported with that copy over the VM's own NBD server
+    on a unix socket, and ``qemu-img map`` reads ``qemu:dirty-bitmap:`` (it reports dirty
+    extents as ``"data": false``). Everything temporary is removed again; the bitmap under
+    test is only read.
+    """
+    gran = live_bitmap(vm, node, name).granularity
+    sock = vm.socket_path.parent / f"{vm.name}-view.nbd"
+    vm.qmp("block-dirty-bitmap-add", node=node, name=VIEW_BITMAP, granularity=gran,
+           disabled=True)
+    try:
+        vm.qmp("block-dirty-bitmap-merge", node=node, target=VIEW_BITMAP, bitmaps=[name])
+        vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+        try:
+            _export(vm, node, "view")
+            opts = (f"driver=nbd,server.type=unix,server.path={sock},export=view,"
+                    f"x-dirty-bitmap=qemu:dirty-bitmap:{VIEW_BITMAP}")
+            extents = img.json("map", "--image-opts", opts)
+        finally:
+            vm.qmp("nbd-server-stop")
+    finally:
+        vm.qmp("block-dirty-bitmap-remove", node=node, name=VIEW_BITMAP)
+    return [(int(e["start"]), int(e["length"])) for e in extents if not e["data"]]
+
+
+def _export(vm: Machine, node: str, export: str) -> None:
+    if vm.has_command("block-export-add"):
+        try:
+            vm.qmp("block-export-add", type="nbd", id=export, name=export,
+                   **{"node-name": node, "bitmaps": [VIEW_BITMAP]})
+            return
+        except HarnessError:
+            if not vm.has_command("nbd-server-add"):
+                raise
+    vm.qmp("nbd-server-add", device=node, name=export, bitmap=VIEW_BITMAP)

@@ -7,6 +7,7 @@ the pytest plugin can tell "the harness says something is wrong" from a Python b
      +-- ConfigError            bad option, missing binary, unusable accelerator
      +-- Qcow2FormatError       an image file that is not the qcow2 it should be
      +-- GoldenError            golden file problems (missing section, bad header)
+     +-- OracleFailure          a bitmap misses writes the model says it saw
      +-- ToolError              qemu-img / qemu-io / qemu-nbd exited non-zero
      +-- MachineError           anything about one QEMU process (carries its log tail)
           +-- LaunchError       QEMU exited or never connected while starting
@@ -40,6 +41,10 @@ class Qcow2FormatError(HarnessError, ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+class OracleFailure(HarnessError, AssertionError):
+    """A bitmap QEMU calls consistent misses writes the model recorded (the reference bug)."""
 
 
 class GoldenError(HarnessError):

@@ -77,9 +77,11 @@ class GoldenFile:
         return self.sections[name]
 
     def updated(self, new: Mapping[str, str]) -> GoldenFile:
-        """A copy with ``new`` sections replaced in place or appended."""
-        merged = dict(self.sections)
-        merged.update(new)
+        """A copy with ``new`` sections replaced in place, new names appended sorted
+        (xdist finishes tests in any order; the file must not depend on it)."""
+        merged = {n: new.get(n, body) for n, body in self.sections.items()}
+        for name in sorted(n for n in new if n not in merged):
+            merged[name] = new[name]
         return GoldenFile(self.path, merged)
 
     def render(self) -> str:

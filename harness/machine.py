@@ -519,15 +519,16 @@ class Machine:
         complete: bool = False,
         cancel: bool = False,
         auto_finalize: bool = True,
-        auto_dismiss: bool = False,
+        auto_dismiss: bool = True,
         timeout: float = 120.0,
         log: bool = True,
     ) -> str | None:
         """Drive a started job to its end; return its error message or None.
 
         ``complete`` sends ``job-complete`` when the job is ready (mirror, active commit);
-        ``cancel`` sends ``job-cancel`` instead. Jobs with ``auto-finalize: false`` are
-        finalized here, and jobs without auto-dismiss are dismissed. With ``log`` the
+        ``cancel`` sends ``job-cancel`` instead. Pass the job's own ``auto-finalize`` and
+        ``auto-dismiss`` settings (QEMU's defaults are true): a job that waits for them is
+        finalized or dismissed here. With ``log`` the
         BLOCK_JOB_* events and a summary of the status changes go to the transcript.
         """
         def ours(ev: dict[str, Any]) -> bool:
@@ -577,10 +578,15 @@ def _job_event_for_log(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summarise(statuses: list[str]) -> list[str]:
-    """Status changes without the running<->paused flips that drains cause at random."""
+    """Status changes without the pauses that drains cause at random.
+
+    A drain moves a running job to ``paused`` and a ready one to ``standby`` and back; how
+    many times depends on timing (it differs between QEMU 7.2 and 10.0), so those states
+    are dropped and the repeats they leave are folded.
+    """
     out: list[str] = []
     for s in statuses:
-        if s == "paused":
+        if s in ("paused", "standby"):
             continue
         if out and out[-1] == s:
             continue

@@ -15,12 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.bitmaps import HashLabels, ImageBitmap, LiveBitmap, image_bitmaps, live_bitmaps, sha256
+from harness.bitmaps import (
+    HashLabels,
+    ImageBitmap,
+    LiveBitmap,
+    image_bitmaps,
+    live_bitmaps,
+    live_ranges,
+    sha256,
+)
 from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
-from harness.errors import HarnessError, MachineError
+from harness.errors import HarnessError, MachineError, OracleFailure
 from harness.filters import path_filter
 from harness.machine import Machine, short_socket_dir
+from harness.model import Model, Verdict
 from harness.processes import REGISTRY
+from harness.qcow2 import Qcow2Image
 from harness.tools import QemuImg, QemuIO, QemuNBD
 from harness.transcript import Transcript
 
@@ -86,6 +96,7 @@ class Case:
         self.nbd_servers: list[QemuNBD] = []
         self._pids_before = {pid for pid, _ in REGISTRY.alive()}
         self.hashes = HashLabels()
+        self.model = Model()
 
     @property
     def probe(self) -> Probe:
@@ -132,6 +143,62 @@ class Case:
         for b in found:
             self.log.log(f"{where}: {b.describe()}")
         return found
+
+    def write(self, vm: Machine, node: str, offset: int, length: int, pattern: int = 0x5A,
+              device: str | None = None) -> None:
+        """A guest write through ``device`` (or straight to ``node``), told to the model.
+
+        ``node`` is the node the data lands in (the active layer); the model marks the
+        recording bitmaps of that node. The write is logged to the transcript.
+        """
+        cmd = f"write -P {pattern:#x} {offset:#x} {length:#x}"
+        vm.qemu_io(device or node, cmd, log=True, device=device is not None)
+        self.model.write(node, offset, length)
+
+    def check_live(self, vm: Machine, node: str, names: Sequence[str] | None = None,
+                   where: str = "live") -> list[Verdict]:
+        """Compare each bitmap the model has on ``node`` with QEMU's live view.
+
+        Logs one verdict line per bitmap; fails the test when a bitmap that QEMU does not
+        flag inconsistent misses writes the model recorded.
+        """
+        live = {b.name: b for b in live_bitmaps(vm, node)}
+        verdicts = []
+        for name in names if names is not None else sorted(self.model.nodes[node].bitmaps):
+            if name not in live:
+                raise OracleFailure(f"bitmap {name!r} on {node!r} ({where}) is gone: QEMU "
+                                    f"has {sorted(live) or 'no bitmaps'}")
+            b = live[name]
+            ranges = [] if b.inconsistent else live_ranges(vm, node, name, self.img)
+            verdicts.append(self.model.verdict(node, name, ranges, b.inconsistent))
+        return self._judge(verdicts, where)
+
+    def check_disk(self, image: str | Path, node: str, names: Sequence[str] | None = None,
+                   where: str = "on disk") -> list[Verdict]:
+        """Compare the model with the bitmaps stored in a closed qcow2 image (read directly
+        from the file, no QEMU involved); ``in_use`` on disk counts as inconsistent."""
+        qimg = Qcow2Image.open(self.scratch / image)
+        stored = {b.name: b for b in qimg.bitmaps}
+        verdicts = []
+        for name in names if names is not None else sorted(
+                n for n, b in self.model.nodes[node].bitmaps.items() if b.persistent):
+            if name not in stored:
+                raise OracleFailure(f"persistent bitmap {name!r} of {node!r} is not stored in "
+                                    f"{Path(image).name} ({where}); stored: "
+                                    f"{sorted(stored) or 'none'}")
+            b = stored[name]
+            inconsistent = not b.usable
+            ranges = [] if inconsistent else b.dirty_ranges()
+            verdicts.append(self.model.verdict(node, name, ranges, inconsistent))
+        return self._judge(verdicts, where)
+
+    def _judge(self, verdicts: list[Verdict], where: str) -> list[Verdict]:
+        for v in verdicts:
+            self.log.log(f"oracle ({where}): {v.describe()}")
+        bad = [v.failure(where) for v in verdicts if not v.ok]
+        if bad:
+            raise OracleFailure("\n".join(bad))
+        return verdicts
 
     def require_commands(self, *commands: str) -> None:
         """Skip the test, saying why, when the QEMU under test lacks a QMP command."""

@@ -1,0 +1,193 @@
+"""The seed scenario: a bitmap through an external snapshot, block-commit and restarts.
+
+The reference bug (qemu-block, May 2019): a persistent bitmap on a qcow2 node is stored
+and dropped from RAM when the node is reopened read-only for an external snapshot; after
+``block-commit`` nothing tracks guest writes; after a restart the bitmap loads as valid but
+misses those writes. Upstream's iotest 260 (numbered 255 in the series) never restarts
+after the commit; here the bitmap is checked by the model at every step, live over NBD
+and on disk after each shutdown, with restarts at every point that matters.
+
+Guest writes go through a virtio-blk device, so they land in whatever the active layer
+is: the base before the snapshot, the overlay after it, the overlay (mirrored into the
+base) during the active commit, and the base again after ``job-complete``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from harness.machine import Machine, blockdev, qcow2_node
+from harness.session import Case
+
+SIZE = 4 << 20
+DEVICE = "disk0/virtio-backend"
+# (offset, length) of each phase's writes; some straddle 64 KiB granules
+BEFORE_SNAPSHOT = ((0, 0x10000), (0x2FF000, 0x2000))
+IN_OVERLAY = ((0x10000, 0x200), (0x100000, 0x30000))
+DURING_COMMIT = ((0x200000, 0x10000), (0x3FFE00, 0x200))
+AFTER_COMMIT = ((0x20000, 0x10000), (0x180000, 0x1000))
+
+RESTARTS = {
+    "no-restart": (),
+    "restart-after-snapshot": ("snapshot",),
+    "restart-after-commit": ("commit",),
+    "restart-after-final-writes": ("final",),
+    "restart-everywhere": ("snapshot", "commit", "final"),
+}
+
+
+def device_args() -> list[str]:
+    return ["-device", "virtio-blk-pci,drive=top,id=disk0"]
+
+
+def base_vm(qio: Case, name: str = "vm0") -> Machine:
+    """The VM before the snapshot (and after the commit): base is the active layer."""
+    node = qcow2_node(qio.path("base.qcow2"), "base")
+    return qio.vm(name, args=[*blockdev(node), "-device", "virtio-blk-pci,drive=base,id=disk0"])
+
+
+def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> Machine:
+    """A VM started on an existing chain, as a management tool does it: every backing layer
+    read-only, each node named, the device on the top layer."""
+    args: list[str] = []
+    below: str | None = None
+    for i, layer in enumerate(layers):
+        opts: dict[str, Any] = qcow2_node(qio.path(f"{layer}.qcow2"), layer,
+                                          read_only=i < len(layers) - 1)
+        opts["backing"] = below
+        args += blockdev(opts)
+        below = layer
+    args += ["-device", f"virtio-blk-pci,drive={layers[-1]},id=disk0"]
+    return qio.vm(name, args=args)
+
+
+def writes(qio: Case, vm: Machine, node: str, regions: tuple[tuple[int, int], ...],
+           pattern: int) -> None:
+    for off, length in regions:
+        qio.write(vm, node, off, length, pattern=pattern, device=DEVICE)
+
+
+def snapshot(qio: Case, vm: Machine, method: str, base: str, overlay: str) -> None:
+    """An external snapshot of ``base`` into a new ``overlay`` node, by either command."""
+    path = qio.path(f"{overlay}.qcow2")
+    if method == "blockdev-snapshot-sync":
+        vm.qmp_log("blockdev-snapshot-sync", **{"node-name": base, "snapshot-file": str(path),
+                                                "snapshot-node-name": overlay, "format": "qcow2"})
+    else:
+        qio.img.create(path.name, SIZE, backing=f"{base}.qcow2")
+        vm.qmp_log("blockdev-add", **qcow2_node(path, overlay, backing=None))
+        vm.qmp_log("blockdev-snapshot", node=base, overlay=overlay)
+    qio.model.node(overlay, SIZE)
+
+
+@pytest.mark.parametrize("method", ["blockdev-snapshot-sync", "blockdev-snapshot"])
+@pytest.mark.parametrize("persistent,restarts", [
+    pytest.param(False, "no-restart", id="transient"),
+    *(pytest.param(True, r, id=f"persistent-{r}") for r in RESTARTS),
+])
+def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str) -> None:
+    restart_at = RESTARTS[restarts]
+    qio.img.create("base.qcow2", SIZE)
+    qio.model.node("base", SIZE)
+
+    qio.log.heading("bitmap on the base, guest writes into the base")
+    vm = base_vm(qio)
+    vm.launch()
+    vm.qmp_log("block-dirty-bitmap-add", node="base", name="bitmap0", persistent=persistent)
+    qio.model.add_bitmap("base", "bitmap0", persistent=persistent)
+    writes(qio, vm, "base", BEFORE_SNAPSHOT, 0x11)
+    qio.check_live(vm, "base")
+
+    qio.log.heading(f"external snapshot with {method}; guest writes land in the overlay")
+    snapshot(qio, vm, method, "base", "top")
+    writes(qio, vm, "top", IN_OVERLAY, 0x22)
+    qio.show_bitmaps(vm, "top")
+    qio.check_live(vm, "base")
+
+    if "snapshot" in restart_at:
+        qio.log.heading("restart on the chain base <- top")
+        vm.shutdown()
+        qio.check_disk("base.qcow2", "base")
+        vm = chain_vm(qio, ["base", "top"], "vm1")
+        vm.launch()
+        qio.check_live(vm, "base")
+
+    qio.log.heading("active commit of top into base, guest writes while it runs")
+    vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "base-node": "base"})
+    vm.event_wait("BLOCK_JOB_READY", match=lambda e: e["data"]["device"] == "commit0")
+    qio.log.log('(event BLOCK_JOB_READY for commit0)')
+    writes(qio, vm, "top", DURING_COMMIT, 0x33)
+    vm.qmp_log("job-complete", id="commit0")
+    assert vm.run_job("commit0") is None
+    qio.model.commit("top", "base")
+    qio.check_live(vm, "base")
+
+    if "commit" in restart_at:
+        qio.log.heading("restart on the base alone")
+        vm.shutdown()
+        qio.check_disk("base.qcow2", "base")
+        vm = base_vm(qio, "vm2")
+        vm.launch()
+        qio.check_live(vm, "base")
+
+    qio.log.heading("guest writes into the base after the commit")
+    writes(qio, vm, "base", AFTER_COMMIT, 0x44)
+    qio.show_bitmaps(vm, "base")
+    qio.check_live(vm, "base")
+    vm.shutdown()
+    if not persistent:
+        assert qio.img.bitmaps("base.qcow2") == [], "a non-persistent bitmap was stored"
+        return
+    qio.check_disk("base.qcow2", "base")
+
+    if "final" in restart_at:
+        qio.log.heading("restart: the stored bitmap has every write")
+        vm = base_vm(qio, "vm3")
+        vm.launch()
+        qio.show_bitmaps(vm, "base")
+        qio.check_live(vm, "base")
+
+
+def test_intermediate_commit(qio: Case) -> None:
+    """base <- mid <- top, bitmaps on base and mid; commit mid into base while top stays."""
+    qio.img.create("base.qcow2", SIZE)
+    for n in ("base", "mid", "top"):
+        qio.model.node(n, SIZE)
+
+    qio.log.heading("base with a persistent bitmap; writes")
+    vm = base_vm(qio)
+    vm.launch()
+    vm.qmp_log("block-dirty-bitmap-add", node="base", name="b-base", persistent=True)
+    qio.model.add_bitmap("base", "b-base", persistent=True)
+    writes(qio, vm, "base", BEFORE_SNAPSHOT, 0x11)
+
+    qio.log.heading("snapshot to mid, a persistent bitmap on mid, writes into mid")
+    snapshot(qio, vm, "blockdev-snapshot-sync", "base", "mid")
+    vm.qmp_log("block-dirty-bitmap-add", node="mid", name="b-mid", persistent=True)
+    qio.model.add_bitmap("mid", "b-mid", persistent=True)
+    writes(qio, vm, "mid", IN_OVERLAY, 0x22)
+
+    qio.log.heading("snapshot to top, writes into top")
+    snapshot(qio, vm, "blockdev-snapshot-sync", "mid", "top")
+    writes(qio, vm, "top", DURING_COMMIT, 0x33)
+    qio.check_live(vm, "base")
+    qio.check_live(vm, "mid")
+
+    qio.log.heading("commit mid into base (top stays active)")
+    vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "top-node": "mid",
+                                  "base-node": "base"})
+    assert vm.run_job("commit0") is None
+    qio.model.commit("mid", "base")
+    qio.check_live(vm, "base")
+
+    qio.log.heading("more writes into top; then restart on base <- top")
+    writes(qio, vm, "top", AFTER_COMMIT, 0x44)
+    vm.shutdown()
+    qio.check_disk("base.qcow2", "base")
+    qio.check_disk("mid.qcow2", "mid")
+    vm = chain_vm(qio, ["base", "top"], "vm1")
+    vm.launch()
+    qio.show_bitmaps(vm, "base")
+    qio.check_live(vm, "base")

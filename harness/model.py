@@ -1,0 +1,264 @@
+"""The oracle: what each dirty bitmap must contain, computed from the writes a case issued.
+
+Golden files catch only what their author foresaw. The model catches "bitmap valid but
+incomplete" in any scenario: every write a case issues is recorded with the node it went
+to; every bitmap operation (add, disable, enable, clear, merge, remove) and every graph
+change that moves data into a node (commit) is mirrored here. For each bitmap the model
+knows the byte ranges that *must* be dirty, rounded out to the bitmap's granularity.
+
+The check rule (``verdict``):
+  * a bitmap that QEMU flags inconsistent is unusable and says so: nothing more to check;
+  * otherwise it must cover every range the model requires: a missing range is the
+    reference bug (an incremental backup built from that bitmap would silently miss data);
+  * dirty ranges the model did not require are reported separately as *extra*. They cost
+    backup size, not correctness, and QEMU documents some (a commit copies whole clusters of
+    the top image, so the base's bitmaps may gain a cluster's worth around each write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+Range = tuple[int, int]  # (offset, length) in guest bytes
+
+
+class Extents:
+    """A set of byte ranges kept as sorted, merged, half-open ``[start, end)`` pairs."""
+
+    def __init__(self, ranges: Iterable[Range] = ()) -> None:
+        self._spans: list[tuple[int, int]] = []
+        for off, length in ranges:
+            self.add(off, length)
+
+    def add(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        start, end = offset, offset + length
+        out: list[tuple[int, int]] = []
+        placed = False
+        for s, e in self._spans:
+            if e < start:
+                out.append((s, e))
+            elif end < s:
+                if not placed:
+                    out.append((start, end))
+                    placed = True
+                out.append((s, e))
+            else:
+                start, end = min(s, start), max(e, end)
+        if not placed:
+            out.append((start, end))
+        self._spans = sorted(out)
+
+    def update(self, other: Extents) -> None:
+        for off, length in other:
+            self.add(off, length)
+
+    def copy(self) -> Extents:
+        return Extents(iter(self))
+
+    def rounded(self, granularity: int, limit: int) -> Extents:
+        """Every granule touched by a range, clipped at ``limit`` (the disk size)."""
+        out = Extents()
+        for s, e in self._spans:
+            start = s - s % granularity
+            end = min(-(-e // granularity) * granularity, limit)
+            out.add(start, end - start)
+        return out
+
+    def minus(self, other: Extents) -> Extents:
+        """The ranges of self not covered by ``other``."""
+        out = Extents()
+        cut = other._spans
+        for s, e in self._spans:
+            pos = s
+            for cs, ce in cut:
+                if ce <= pos or cs >= e:
+                    continue
+                if cs > pos:
+                    out.add(pos, cs - pos)
+                pos = max(pos, ce)
+                if pos >= e:
+                    break
+            if pos < e:
+                out.add(pos, e - pos)
+        return out
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self._spans)
+
+    def __iter__(self) -> Iterator[Range]:
+        return iter([(s, e - s) for s, e in self._spans])
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __bool__(self) -> bool:
+        return bool(self._spans)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Extents) and self._spans == other._spans
+
+    def __repr__(self) -> str:
+        return f"Extents({format_ranges(self)})"
+
+
+def format_ranges(ranges: Iterable[Range], limit: int = 12) -> str:
+    """``[0x10000+0x20000, 0x1000000+0x10000]``: hex offsets, as qemu-io takes them."""
+    items = [f"{o:#x}+{n:#x}" for o, n in ranges]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return "[" + ", ".join(items[:limit]) + more + "]"
+
+
+@dataclass
+class ModelBitmap:
+    """What one bitmap must contain: the raw write ranges it saw, and its state."""
+
+    name: str
+    granularity: int
+    recording: bool = True
+    persistent: bool = False
+    seen: Extents = field(default_factory=Extents)
+
+    def required(self, size: int) -> Extents:
+        return self.seen.rounded(self.granularity, size)
+
+
+@dataclass
+class ModelNode:
+    """A node in the model's graph: its size, the bytes written into it, its bitmaps."""
+
+    name: str
+    size: int
+    data: Extents = field(default_factory=Extents)
+    bitmaps: dict[str, ModelBitmap] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The comparison of one bitmap with the model; ``ok`` is the rule that must hold."""
+
+    node: str
+    bitmap: str
+    inconsistent: bool
+    missing: Extents
+    extra: Extents
+    required: Extents
+    actual: Extents
+
+    @property
+    def ok(self) -> bool:
+        return self.inconsistent or not self.missing
+
+    def describe(self) -> str:
+        """One line for the transcript: stable, no QEMU-internal numbers beyond ranges."""
+        if self.inconsistent:
+            return f"{self.node}/{self.bitmap}: inconsistent (flagged by QEMU, must not be used)"
+        state = "complete" if not self.missing else "INCOMPLETE"
+        line = f"{self.node}/{self.bitmap}: {state}, dirty {format_ranges(self.actual)}"
+        if self.missing:
+            line += f", missing {format_ranges(self.missing)}"
+        if self.extra:
+            line += f", extra {format_ranges(self.extra)}"
+        return line
+
+    def failure(self, where: str) -> str:
+        return (f"bitmap {self.bitmap!r} on {self.node!r} ({where}) is not flagged "
+                f"inconsistent but misses writes the model says it saw: missing "
+                f"{format_ranges(self.missing)} ({self.missing.total()} bytes); "
+                f"model requires {format_ranges(self.required)}, QEMU has "
+                f"{format_ranges(self.actual)}")
+
+
+class ModelError(Exception):
+    """The case told the model something impossible (unknown node or bitmap)."""
+
+
+class Model:
+    """Nodes, their bitmaps, and every write; mirror each QMP step of a case here."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, ModelNode] = {}
+
+    def node(self, name: str, size: int) -> ModelNode:
+        """Declare a node (an image, an overlay); idempotent for the same size."""
+        if name in self.nodes:
+            return self.nodes[name]
+        self.nodes[name] = ModelNode(name, size)
+        return self.nodes[name]
+
+    def _node(self, name: str) -> ModelNode:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ModelError(f"the model has no node {name!r} (declare it with node())") from None
+
+    def bitmap(self, node: str, name: str) -> ModelBitmap:
+        n = self._node(node)
+        try:
+            return n.bitmaps[name]
+        except KeyError:
+            raise ModelError(f"the model has no bitmap {name!r} on node {node!r}") from None
+
+    # -- bitmap operations, mirroring QMP / qemu-img --------------------------------------
+
+    def add_bitmap(self, node: str, name: str, granularity: int = 65536,
+                   recording: bool = True, persistent: bool = False) -> None:
+        n = self._node(node)
+        if name in n.bitmaps:
+            raise ModelError(f"bitmap {name!r} already exists on {node!r}")
+        n.bitmaps[name] = ModelBitmap(name, granularity, recording, persistent)
+
+    def remove_bitmap(self, node: str, name: str) -> None:
+        self.bitmap(node, name)
+        del self.nodes[node].bitmaps[name]
+
+    def disable(self, node: str, name: str) -> None:
+        self.bitmap(node, name).recording = False
+
+    def enable(self, node: str, name: str) -> None:
+        self.bitmap(node, name).recording = True
+
+    def clear(self, node: str, name: str) -> None:
+        self.bitmap(node, name).seen = Extents()
+
+    def merge(self, node: str, target: str, sources: Iterable[tuple[str, str]]) -> None:
+        """OR each (node, bitmap) source into ``target``."""
+        dst = self.bitmap(node, target)
+        for src_node, src in sources:
+            dst.seen.update(self.bitmap(src_node, src).required(self._node(src_node).size))
+
+    # -- data ---------------------------------------------------------------------------
+
+    def write(self, node: str, offset: int, length: int) -> None:
+        """A write that lands in ``node`` (the active layer it was issued to)."""
+        n = self._node(node)
+        if offset < 0 or offset + length > n.size:
+            raise ModelError(f"write {offset:#x}+{length:#x} is outside node {node!r} "
+                             f"({n.size:#x} bytes)")
+        n.data.add(offset, length)
+        for b in n.bitmaps.values():
+            if b.recording:
+                b.seen.add(offset, length)
+
+    def commit(self, top: str, base: str, through: Iterable[str] = ()) -> None:
+        """``block-commit`` of ``top`` (and the ``through`` layers between) into ``base``.
+
+        The data of every committed layer is written into ``base``, so the base's recording
+        bitmaps must cover it. Layers are applied bottom-up, as the result is the same.
+        """
+        for layer in [*through, top]:
+            for off, length in self._node(layer).data:
+                self.write(base, off, length)
+
+    # -- checking -----------------------------------------------------------------------
+
+    def verdict(self, node: str, name: str, actual: Iterable[Range],
+                inconsistent: bool = False) -> Verdict:
+        n = self._node(node)
+        b = self.bitmap(node, name)
+        required = b.required(n.size)
+        got = Extents(actual)
+        return Verdict(node, name, inconsistent, required.minus(got), got.minus(required),
+                       required, got)
