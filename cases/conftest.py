@@ -9,21 +9,21 @@ and the end-of-session check that no QEMU is left running.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from harness.binaries import ROLES
 from harness.errors import ConfigError, HarnessError
-from harness.golden import RegenStore, compare, golden_path_for, section_name
-from harness.report import harness_failure_report
+from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
 from harness.processes import REGISTRY
+from harness.report import harness_failure_report
 from harness.session import Case, Environment
 
 ENV_KEY = pytest.StashKey[Environment]()
-REGEN_KEY = pytest.StashKey[RegenStore]()
 CASE_KEY = pytest.StashKey[Case]()
 EXPECTED_DIR = Path(__file__).resolve().parent.parent / "expected"
 WORKER_ENV = "qiotests_env"
@@ -42,26 +42,49 @@ def pytest_configure(config: pytest.Config) -> None:
             explicit, config.getoption("qio_build"), config.getoption("qio_accel"), os.environ)
     except ConfigError as e:
         raise pytest.UsageError(str(e)) from None
-    config.stash[REGEN_KEY] = RegenStore()
-    if config.getoption("qio_keep"):
-        config.option.tmp_path_retention_policy = "all"
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistController(config), "qiotests-xdist")
+    config.pluginmanager.register(_Controller(config), "qiotests-controller")
 
 
-class _XdistController:
-    """Hands the environment to each worker and hears about leftover processes."""
+class _Controller:
+    """Hooks that run only in the controlling process (the only one without xdist):
+    hands the environment to workers, gathers --regen sections and leftover reports, and
+    writes golden files once at the end."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.regen = RegenStore()
+        self.leftovers: list[str] = []
 
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WORKER_ENV] = self.config.stash[ENV_KEY].to_json()
 
+    @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        left = getattr(node, "workeroutput", {}).get(LEFTOVER_OUT, [])
-        if left:
-            _report_leftovers(self.config, left)
+        self.leftovers += getattr(node, "workeroutput", {}).get(LEFTOVER_OUT, [])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" or not report.passed:
+            return
+        for key, value in report.user_properties:
+            if key == REGEN_PROP:
+                path, name, text = cast(tuple[str, str, str], value)
+                self.regen.record(Path(path), name, text)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.leftovers += [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.leftovers:
+            # a QEMU outliving its test is a harness bug: say so and fail the run
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            if tr is not None:
+                tr.write_line("QEMU processes started by the harness were still running at "
+                              "the end of the session (killed now): "
+                              + "; ".join(self.leftovers), red=True)
+        for path, changed in self.regen.write_all():
+            if tr is not None:
+                what = ", ".join(changed) if changed else "no change"
+                tr.write_line(f"regen: {os.path.relpath(path, self.config.rootpath)}: {what}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -75,14 +98,21 @@ def qio_env(request: pytest.FixtureRequest) -> Environment:
 
 @pytest.fixture
 def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) -> Iterator[Case]:
-    """The test's case context: scratch dir, transcript, qemu-img/qemu-io, VMs."""
+    """The test's case context: scratch dir, transcript, qemu-img/qemu-io, VMs.
+
+    The scratch dir (pytest's tmp_path) of a passing test is removed unless
+    --keep-scratch; a failing test's stays for the report's paths to point into.
+    """
     case = Case(qio_env, tmp_path)
     request.node.stash[CASE_KEY] = case
     yield case
     rep = getattr(request.node, "qio_call_report", None)
-    problems = case.close(failed=bool(rep is not None and rep.failed))
+    failed = rep is None or not rep.passed
+    problems = case.close(failed=failed)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+    if not failed and not request.config.getoption("qio_keep"):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -93,24 +123,17 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     if case is None:
         return result
     case.check_machines()
-    module = Path(str(item.path))
-    golden = golden_path_for(module, EXPECTED_DIR)
+    golden = golden_path_for(Path(str(item.path)), EXPECTED_DIR)
     name = section_name(item.nodeid)
     text = case.log.text()
     if item.config.getoption("qio_regen"):
         if text:
             item.user_properties.append((REGEN_PROP, (str(golden), name, text)))
         return result
-    if text or _has_section(golden, name):
+    if text or name in GoldenFile.load(golden).sections:
         compare(golden, name, text, case.scratch / f"{golden.stem}.out.actual",
                 label=os.path.relpath(golden, item.config.rootpath))
     return result
-
-
-def _has_section(golden: Path, name: str) -> bool:
-    from harness.golden import GoldenFile
-
-    return name in GoldenFile.load(golden).sections
 
 
 @pytest.hookimpl(wrapper=True)
@@ -123,51 +146,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return rep
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    config = _CONFIG.get("config")
-    if config is None or REGEN_KEY not in config.stash or report.when != "call":
-        return
-    for key, value in report.user_properties:
-        if key == REGEN_PROP and report.passed:
-            path, name, text = value
-            config.stash[REGEN_KEY].record(Path(path), name, text)
-
-
-_CONFIG: dict[str, pytest.Config] = {}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG["config"] = session.config
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    left = [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
-    workeroutput = getattr(config, "workeroutput", None)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: kill and report (to the controller) what is still running."""
+    workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput[LEFTOVER_OUT] = left
-        return
-    if left:
-        _report_leftovers(config, left)
-    if config.stash.get(LEFTOVER_KEY, []):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if REGEN_KEY in config.stash:
-        written = config.stash[REGEN_KEY].write_all()
-        tr = config.pluginmanager.get_plugin("terminalreporter")
-        for path, changed in written:
-            if tr is not None:
-                what = ", ".join(changed) if changed else "no change"
-                tr.write_line(f"regen: {path}: {what}")
-
-
-LEFTOVER_KEY = pytest.StashKey[list[str]]()
-
-
-def _report_leftovers(config: pytest.Config, left: list[str]) -> None:
-    """A QEMU outliving the session is a harness bug: say so and fail the run."""
-    tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line("QEMU processes started by the harness were still running at the end "
-                      "of the session (killed now): " + "; ".join(left), red=True)
-    config.stash.setdefault(LEFTOVER_KEY, []).extend(left)
+        workeroutput[LEFTOVER_OUT] = [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]

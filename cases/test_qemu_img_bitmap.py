@@ -135,7 +135,7 @@ def test_clear_and_merge(qio: Case, disk: str) -> None:
 
 
 def test_convert_bitmaps(qio: Case, disk: str) -> None:
-    qio.log.heading("source: two dirty bitmaps (a then disabled) and an empty one at 512 B granularity")
+    qio.log.heading("source: dirty bitmaps a (then disabled) and b, an empty one at 512 B")
     dirty(qio, disk, ["a", "b"])
     qio.img.run("bitmap", "--add", "-g", "512", disk, "g512", log=True)
     qio.img.run("bitmap", "--disable", disk, "a", log=True)

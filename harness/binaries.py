@@ -123,7 +123,9 @@ def find_binaries(
     return Binaries(programs)
 
 
-def _find_one(role: Role, option: str | None, build: Path | None, env: Mapping[str, str]) -> Program:
+def _find_one(
+    role: Role, option: str | None, build: Path | None, env: Mapping[str, str]
+) -> Program:
     if option:
         p = Path(option).expanduser()
         if not _executable(p):
@@ -203,7 +205,9 @@ class Probe:
         return frozenset()
 
     @staticmethod
-    def _member_names(entry: dict[str, Any] | None, by_name: dict[Any, dict[str, Any]]) -> frozenset[str]:
+    def _member_names(
+        entry: dict[str, Any] | None, by_name: dict[Any, dict[str, Any]]
+    ) -> frozenset[str]:
         if not entry:
             return frozenset()
         names = {m["name"] for m in entry.get("members", [])}

@@ -18,6 +18,7 @@ the order of the file and appending new sections at the end.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -176,10 +177,8 @@ def compare(golden: Path, name: str, actual: str, actual_file: Path,
 
 
 def with_suppressed_unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class RegenStore:

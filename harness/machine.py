@@ -376,7 +376,7 @@ class Machine:
         except ExecuteError as e:
             received = dict(e.received)
             reply = {"error": received.get("error", {"class": e.error_class, "desc": str(e)})}
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             self._drain_events_safely()
             raise MachineTimeout(self.name, f"no reply to {cmd} within {self.qmp_timeout:.0f} s",
                                  self.argv, None, tail(self.log_path)) from None
@@ -500,7 +500,7 @@ class Machine:
             self.check_alive()
             try:
                 ev = self._run(self._next_event(), min(left, 0.5))
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 continue
             except (LibQMPError, OSError, EOFError) as e:
                 self._lost_connection("event_wait", e)
@@ -562,7 +562,8 @@ class Machine:
             elif log and self.transcript is not None:
                 self.transcript.event(_job_event_for_log(ev), self.log_prefix)
         if log and self.transcript is not None:
-            self.transcript.log(f"{self.log_prefix}job {job_id}: {' -> '.join(_summarise(statuses))}")
+            summary = " -> ".join(_summarise(statuses))
+            self.transcript.log(f"{self.log_prefix}job {job_id}: {summary}")
         return error
 
     def _job_cmd(self, cmd: str, job_id: str, log: bool) -> None:

@@ -11,6 +11,7 @@ Three layers make sure of it:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import signal
@@ -91,18 +92,14 @@ class ProcessRegistry:
         """SIGKILL everything still registered; returns what had to be killed."""
         left = self.alive()
         for pid, _label in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         with self._lock:
             items = list(self._procs.values())
         for proc, _label in items:
             if proc is not None:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
         for pid, _label in left:
             self.forget(pid)
         return left

@@ -7,14 +7,17 @@ travels to workers as JSON, so every worker tests the same binaries with the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
 from harness.bitmaps import (
     HashLabels,
     ImageBitmap,
@@ -24,7 +27,6 @@ from harness.bitmaps import (
     live_ranges,
     sha256,
 )
-from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
 from harness.errors import HarnessError, MachineError, OracleFailure
 from harness.filters import path_filter
 from harness.machine import Machine, short_socket_dir
@@ -233,10 +235,8 @@ class Case:
         for pid, label in left:
             problems.append(f"process {pid} ({label}) was still running after the test; "
                             "killed it")
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             REGISTRY.forget(pid)
         shutil.rmtree(self.sockdir, ignore_errors=True)
         return problems

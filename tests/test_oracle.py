@@ -1,0 +1,92 @@
+"""The oracle against real QEMU, including the proof that it can fail.
+
+Writes are hidden from a bitmap on purpose (disabled over QMP without telling the model,
+cleared offline with qemu-img): the checks must fail and name the missing ranges.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.errors import OracleFailure
+from harness.machine import Machine, blockdev, qcow2_node
+from harness.session import Case, Environment
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def env() -> Environment:
+    return Environment.discover({}, None, "tcg", os.environ)
+
+
+@pytest.fixture
+def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
+    c = Case(env, tmp_path)
+    yield c
+    assert c.close(failed=False) == []
+
+
+def start(case: Case) -> Machine:
+    case.img.create("disk.qcow2", 8 * MiB)
+    case.model.node("drive0", 8 * MiB)
+    vm = case.vm(args=blockdev(qcow2_node(case.path("disk.qcow2"), "drive0")),
+                 machine_type="none")
+    vm.launch()
+    vm.qmp("block-dirty-bitmap-add", node="drive0", name="b", persistent=True)
+    case.model.add_bitmap("drive0", "b", persistent=True)
+    return vm
+
+
+def test_complete_bitmap_passes_live_and_on_disk(case: Case) -> None:
+    vm = start(case)
+    case.write(vm, "drive0", 0x10000, 0x1000)
+    case.write(vm, "drive0", 0x7F0000, 0x10000)
+    (v,) = case.check_live(vm, "drive0")
+    assert list(v.actual) == [(0x10000, 0x10000), (0x7F0000, 0x10000)]
+    vm.shutdown()
+    (d,) = case.check_disk("disk.qcow2", "drive0")
+    assert d.actual == v.actual
+
+
+def test_write_hidden_by_disable_is_caught_live_and_on_disk(case: Case) -> None:
+    vm = start(case)
+    case.write(vm, "drive0", 0, 0x1000)
+    vm.qmp("block-dirty-bitmap-disable", node="drive0", name="b")
+    case.write(vm, "drive0", 0x300000, 0x20000)
+    with pytest.raises(OracleFailure, match=r"missing \[0x300000\+0x20000\]"):
+        case.check_live(vm, "drive0")
+    vm.shutdown()
+    with pytest.raises(OracleFailure, match=r"on disk.*missing \[0x300000\+0x20000\]"):
+        case.check_disk("disk.qcow2", "drive0")
+
+
+def test_offline_clear_is_caught(case: Case) -> None:
+    vm = start(case)
+    case.write(vm, "drive0", 0x100000, 0x800)
+    vm.shutdown()
+    case.check_disk("disk.qcow2", "drive0")
+    case.img.run("bitmap", "--clear", "disk.qcow2", "b")
+    with pytest.raises(OracleFailure, match=r"missing \[0x100000\+0x10000\] \(65536 bytes\)"):
+        case.check_disk("disk.qcow2", "drive0")
+
+
+def test_crash_leaves_bitmap_inconsistent_not_incomplete(case: Case) -> None:
+    vm = start(case)
+    vm.shutdown()
+    vm.launch()
+    case.write(vm, "drive0", 0, 0x1000)
+    vm.kill()
+    (v,) = case.check_disk("disk.qcow2", "drive0")
+    assert v.inconsistent and v.ok
+
+
+def test_removed_bitmap_is_reported(case: Case) -> None:
+    vm = start(case)
+    vm.qmp("block-dirty-bitmap-remove", node="drive0", name="b")
+    with pytest.raises(OracleFailure, match=r"'b' on 'drive0' .* is gone"):
+        case.check_live(vm, "drive0")
