@@ -54,6 +54,7 @@ class _Controller:
         self.config = config
         self.regen = RegenStore()
         self.leftovers: list[str] = []
+        self.written: list[tuple[Path, list[str]]] = []
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -73,18 +74,22 @@ class _Controller:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.leftovers += [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if self.leftovers:
-            # a QEMU outliving its test is a harness bug: say so and fail the run
+            # a QEMU outliving its test is a harness bug: fail the run
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-            if tr is not None:
-                tr.write_line("QEMU processes started by the harness were still running at "
-                              "the end of the session (killed now): "
-                              + "; ".join(self.leftovers), red=True)
-        for path, changed in self.regen.write_all():
-            if tr is not None:
+        self.written = self.regen.write_all()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        tr = terminalreporter
+        if self.leftovers:
+            tr.write_sep("=", "QEMU processes left running", red=True)
+            tr.write_line("started by the harness and still running at the end of the session "
+                          "(killed now): " + "; ".join(self.leftovers))
+        if self.written:
+            tr.write_sep("=", "golden files (--regen)")
+            for path, changed in self.written:
                 what = ", ".join(changed) if changed else "no change"
-                tr.write_line(f"regen: {os.path.relpath(path, self.config.rootpath)}: {what}")
+                tr.write_line(f"{os.path.relpath(path, self.config.rootpath)}: {what}")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
