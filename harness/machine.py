@@ -178,7 +178,7 @@ class Machine:
         if self.state == "running":
             raise MachineStateError(self.name, "launch() on a VM that is already running")
         self.scratch.mkdir(parents=True, exist_ok=True)
-        if self._sockdir is None:
+        if self._sockdir is None or (self._own_sockdir and not self._sockdir.is_dir()):
             self._sockdir = short_socket_dir()
         if len(str(self.socket_path).encode()) > SOCKET_PATH_MAX:
             raise ConfigError(
@@ -331,8 +331,8 @@ class Machine:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
             if self._own_sockdir:
+                # the path stays known so error messages can still show the command line
                 shutil.rmtree(self._sockdir, ignore_errors=True)
-                self._sockdir = None
 
     # -- QMP ------------------------------------------------------------------------------
 
@@ -540,27 +540,38 @@ class Machine:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            ev = self.event_wait(JOB_EVENTS, timeout=max(left, 0.0), match=ours)
-            if ev["event"] == "JOB_STATUS_CHANGE":
-                status = ev["data"]["status"]
-                statuses.append(status)
-                if status == "ready":
+            try:
+                ev = self.event_wait(JOB_EVENTS, timeout=max(left, 0.0), match=ours)
+            except MachineTimeout as e:
+                last = statuses[-1] if statuses else "no status change seen"
+                hint = (" (a ready job waits for job-complete: pass complete=True)"
+                        if last == "ready" else "")
+                raise MachineTimeout(self.name, f"job {job_id} did not finish within "
+                                     f"{timeout:.0f} s; last status: {last}{hint}",
+                                     self.argv, None, e.log_tail) from None
+            if ev["event"] != "JOB_STATUS_CHANGE":
+                # BLOCK_JOB_* events come right after their status change: log, then act,
+                # so the transcript shows READY before the job-complete it triggers
+                if log and self.transcript is not None:
+                    self.transcript.event(ev, self.log_prefix)
+                if ev["event"] == "BLOCK_JOB_READY":
                     if cancel:
                         self._job_cmd("job-cancel", job_id, log)
                     elif complete:
                         self._job_cmd("job-complete", job_id, log)
-                elif status == "pending" and not auto_finalize:
+                elif ev["event"] == "BLOCK_JOB_PENDING" and not auto_finalize:
                     self._job_cmd("job-finalize", job_id, log)
-                elif status == "concluded":
-                    for job in self.qmp("query-jobs"):
-                        if job["id"] == job_id and "error" in job:
-                            error = str(job["error"])
-                    if not auto_dismiss:
-                        self._job_cmd("job-dismiss", job_id, log)
-                elif status == "null":
-                    break
-            elif log and self.transcript is not None:
-                self.transcript.event(_job_event_for_log(ev), self.log_prefix)
+                continue
+            status = ev["data"]["status"]
+            statuses.append(status)
+            if status == "concluded":
+                for job in self.qmp("query-jobs"):
+                    if job["id"] == job_id and "error" in job:
+                        error = str(job["error"])
+                if not auto_dismiss:
+                    self._job_cmd("job-dismiss", job_id, log)
+            elif status == "null":
+                break
         if log and self.transcript is not None:
             summary = " -> ".join(_summarise(statuses))
             self.transcript.log(f"{self.log_prefix}job {job_id}: {summary}")
@@ -570,12 +581,6 @@ class Machine:
         if log and self.transcript is not None:
             self.transcript.qmp_command(cmd, {"id": job_id}, self.log_prefix)
         self.qmp(cmd, id=job_id)
-
-
-def _job_event_for_log(ev: dict[str, Any]) -> dict[str, Any]:
-    """BLOCK_JOB_* events without the timestamp; ``speed`` stays, it is set by the case."""
-    out = {k: v for k, v in ev.items() if k != "timestamp"}
-    return out
 
 
 def _summarise(statuses: list[str]) -> list[str]:

@@ -1,0 +1,158 @@
+"""Shared helpers for the harness's own tests.
+
+``pytester`` runs throwaway projects that copy the real wiring (``pyproject.toml``,
+``conftest.py``, ``cases/conftest.py``) so the plugin is tested as users run it, in a
+subprocess (the harness keeps process-wide state: the registry, atexit hooks).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.processes import REGISTRY
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parent.parent
+PIDS_FILE = "pids.txt"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) QEMU-ish process."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"qemu" in cmdline
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """True once ``pid`` is no live QEMU (it may take a moment to be reaped by init)."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def fake_program(path: Path, body: str = 'echo "$0 $*"') -> Path:
+    """A tiny executable shell script standing in for a QEMU program."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+class Project:
+    """A throwaway qiotests checkout in pytester's directory: the real wiring, fake cases.
+
+    The conftest files are copied (not linked): ``cases/conftest.py`` finds ``expected/``
+    relative to its own resolved path.
+    """
+
+    def __init__(self, pytester: pytest.Pytester) -> None:
+        self.pytester = pytester
+        self.root = pytester.path
+        shutil.copy(REPO / "pyproject.toml", self.root / "pyproject.toml")
+        shutil.copy(REPO / "conftest.py", self.root / "conftest.py")
+        (self.root / "cases").mkdir()
+        (self.root / "cases" / "__init__.py").write_text("")
+        shutil.copy(REPO / "cases" / "conftest.py", self.root / "cases" / "conftest.py")
+        (self.root / "expected").mkdir()
+
+    def case(self, name: str, source: str) -> Path:
+        """Write ``cases/test_<name>.py``."""
+        path = self.root / "cases" / f"test_{name}.py"
+        path.write_text(textwrap.dedent(source).lstrip())
+        return path
+
+    def golden_path(self, name: str) -> Path:
+        return self.root / "expected" / f"{name}.out"
+
+    def golden(self, name: str, text: str) -> Path:
+        """Write ``expected/<name>.out``."""
+        path = self.golden_path(name)
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    def run(self, *args: str, timeout: float = 90) -> pytest.RunResult:
+        """``pytest cases ARGS`` in a subprocess, in the project directory."""
+        return self.pytester.runpytest_subprocess("cases", *args,
+                                                  timeout=timeout)
+
+    def pids(self) -> dict[str, int]:
+        """Test name -> QEMU pid, as the throwaway tests recorded them."""
+        path = self.root / PIDS_FILE
+        if not path.exists():
+            return {}
+        out = {}
+        for line in path.read_text().splitlines():
+            name, pid = line.split()
+            out[name] = int(pid)
+        return out
+
+
+#: Source the throwaway modules use to start a VM and record its pid for the outer test.
+START_VM = f'''
+import os
+import signal
+import time
+from pathlib import Path
+
+from harness.machine import Machine
+from harness.session import Case
+
+PIDS = Path(__file__).resolve().parent.parent / "{PIDS_FILE}"
+
+
+def start(qio: Case, name: str) -> Machine:
+    vm = qio.vm(machine_type="none")
+    vm.launch()
+    with PIDS.open("a") as f:
+        f.write(f"{{name}} {{vm.pid}}\\n")
+    return vm
+'''
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> Project:
+    return Project(pytester)
+
+
+@pytest.fixture
+def qemu_system() -> str:
+    """The qemu-system-x86_64 on PATH (the harness's own tests drive the system QEMU)."""
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        pytest.skip("qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)")
+    return path
+
+
+@pytest.fixture
+def qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        pytest.skip("qemu-img is not on PATH (apt-get install qemu-utils)")
+    return path
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves a process of its own in the harness's registry."""
+    before = {pid for pid, _ in REGISTRY.alive()}
+    yield
+    left = [(pid, label) for pid, label in REGISTRY.alive() if pid not in before]
+    for pid, _label in left:
+        os.kill(pid, 9)
+        REGISTRY.forget(pid)
+    assert not left, f"processes left running: {left}"
