@@ -64,7 +64,7 @@ from typing import Any
 
 from harness.binaries import find_binaries, list_accelerators
 from harness.errors import HarnessError
-from harness.machine import Machine
+from harness.machine import Machine, tail
 from harness.processes import REGISTRY
 
 DEFAULT_PAIRS = 30
@@ -173,7 +173,7 @@ class BareQemu:
             except TimeoutError:
                 if self.proc.poll() is not None:
                     raise BenchError(f"bare QEMU exited with status {self.proc.returncode} "
-                                     f"before connecting; see {self.log_path}") from None
+                                     f"before connecting:\n{tail(self.log_path)}") from None
                 if time.monotonic() > deadline:
                     raise BenchError("bare QEMU did not connect to QMP within "
                                      f"{BARE_TIMEOUT:.0f} s") from None
@@ -308,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"         {version[0] if version else '(no -version output)'}")
     print(f"machine: {args.machine}   accel: {args.accel} (same for both sides)   "
           f"pairs: {args.pairs} (+{args.warmup} warm-up, discarded)")
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"load:    {load:.2f} on {cpus} CPUs"
+          + ("  (busy machine: expect noisy figures)" if load > cpus / 2 else ""), flush=True)
 
     old_term = signal.signal(signal.SIGTERM, _sigterm)
     scratch = Path(tempfile.mkdtemp(prefix="qio-bench-", dir="/tmp"))

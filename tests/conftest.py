@@ -90,16 +90,17 @@ class Project:
         return self.pytester.runpytest_subprocess("cases", *args,
                                                   timeout=timeout)
 
+    def _records(self) -> list[list[str]]:
+        path = self.root / PIDS_FILE
+        return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
+
     def pids(self) -> dict[str, int]:
         """Test name -> QEMU pid, as the throwaway tests recorded them."""
-        path = self.root / PIDS_FILE
-        if not path.exists():
-            return {}
-        out = {}
-        for line in path.read_text().splitlines():
-            name, pid = line.split()
-            out[name] = int(pid)
-        return out
+        return {name: int(pid) for name, pid, _sockdir in self._records()}
+
+    def sockdirs(self) -> dict[str, Path]:
+        """Test name -> the socket directory its VM used."""
+        return {name: Path(sockdir) for name, _pid, sockdir in self._records()}
 
 
 #: Source the throwaway modules use to start a VM and record its pid for the outer test.
@@ -119,7 +120,7 @@ def start(qio: Case, name: str) -> Machine:
     vm = qio.vm(machine_type="none")
     vm.launch()
     with PIDS.open("a") as f:
-        f.write(f"{{name}} {{vm.pid}}\\n")
+        f.write(f"{{name}} {{vm.pid}} {{vm.socket_path.parent}}\\n")
     return vm
 '''
 

@@ -1,0 +1,158 @@
+"""EIO on the image's metadata writes while bitmaps are stored or marked in use.
+
+A ``blkdebug`` filter is inserted under the qcow2 node at the chosen moment (the qcow2
+node is reopened with ``file`` pointing at it), so the writes before that moment work and
+only the step under test fails. Two fault shapes: writes to the header cluster only
+(sector 0: the header extension and flags), and every write to the file.
+
+Three moments: storing at shutdown, storing at a read-only reopen, and setting ``in-use``
+at a read-write reopen. What QEMU does is recorded (replies, its stderr message, the exit
+status, the flags on disk); the invariant asserted is the oracle's: whatever happens, no
+bitmap is ever reported valid and incomplete, on disk, after a restart, or after a crash
+that follows the failed step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from harness.errors import MachineError
+from harness.machine import Machine, blockdev
+from harness.session import Case
+
+SIZE = 16 << 20
+NODE = "drive0"
+FAULTS: dict[str, dict[str, Any]] = {
+    "header-writes": {"event": "pwritev", "iotype": "write", "errno": 5, "once": False,
+                      "sector": 0},
+    "all-writes": {"event": "pwritev", "iotype": "write", "errno": 5, "once": False},
+}
+BEFORE = ((0, 0x1000), (0x400000, 0x20000))
+AFTER = ((0x800000, 0x10000), (SIZE - 0x200, 0x200))
+
+
+def qcow2_over(file_node: str, read_only: bool = False) -> dict[str, Any]:
+    opts: dict[str, Any] = {"driver": "qcow2", "node-name": NODE, "file": file_node}
+    if read_only:
+        opts["read-only"] = True
+    return opts
+
+
+def vm_for(qio: Case, read_only: bool = False, name: str = "vm0") -> Machine:
+    file_node = {"driver": "file", "filename": str(qio.path("disk.qcow2")), "node-name": "file0"}
+    return qio.vm(name, machine_type="none",
+                  args=[*blockdev(file_node), *blockdev(qcow2_over("file0", read_only))])
+
+
+def insert_fault(qio: Case, vm: Machine, fault: str, read_only: bool) -> None:
+    """Put a blkdebug filter with the fault between the qcow2 node and its file."""
+    qio.log.log(f"inject EIO: {fault}")
+    vm.qmp("blockdev-add", driver="blkdebug", image="file0",
+           **{"node-name": "dbg", "inject-error": [FAULTS[fault]]})
+    reply = vm.qmp_raw("blockdev-reopen", options=[qcow2_over("dbg", read_only)])
+    assert "return" in reply, f"could not insert the blkdebug filter: {reply}"
+
+
+def qemu_said(qio: Case, vm: Machine, since: int) -> None:
+    """Log QEMU's own stderr lines about bitmaps since byte ``since`` of its log."""
+    text = vm.log_path.read_bytes()[since:].decode(errors="replace")
+    for line in text.splitlines():
+        if re.search(r"bitmap", line, re.I):
+            qio.log.log("QEMU: " + line.split(": ", 1)[-1])
+
+
+def log_size(vm: Machine) -> int:
+    return vm.log_path.stat().st_size if vm.log_path.exists() else 0
+
+
+def setup(qio: Case, vm_read_only: bool = False) -> Machine:
+    qio.img.create("disk.qcow2", SIZE)
+    qio.img.run("bitmap", "--add", "disk.qcow2", "b0", log=True)
+    qio.model.node(NODE, SIZE)
+    qio.model.add_bitmap(NODE, "b0", persistent=True)
+    vm = vm_for(qio, read_only=vm_read_only)
+    vm.launch()
+    return vm
+
+
+def try_writes(qio: Case, vm: Machine) -> None:
+    """Guest writes after the failed step: QEMU may refuse them (a node whose bitmaps
+    could not be made writable refuses writes); only accepted ones reach the model."""
+    for off, length in AFTER:
+        try:
+            qio.write(vm, NODE, off, length)
+        except MachineError as e:
+            qio.log.log(f"qemu-io {NODE}: write {off:#x} {length:#x}: refused "
+                        f"({e.reason.rsplit(': ', 1)[-1]})")
+    qio.check_live(vm, NODE, where="after the failed step")
+
+
+def verify_after(qio: Case, where: str) -> None:
+    """The invariant on disk and after a clean restart without the fault."""
+    (b,) = qio.show_image_bitmaps("disk.qcow2")
+    qio.check_disk("disk.qcow2", NODE, where=where)
+    vm = vm_for(qio, name="after")
+    vm.launch()
+    (lb,) = qio.show_bitmaps(vm, NODE, hashes=False)
+    assert lb.inconsistent == b.in_use
+    qio.check_live(vm, NODE, where=f"{where}, restarted")
+    vm.shutdown()
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_store_at_shutdown(qio: Case, fault: str) -> None:
+    vm = setup(qio)
+    for off, length in BEFORE:
+        qio.write(vm, NODE, off, length)
+    insert_fault(qio, vm, fault, read_only=False)
+    qio.log.heading("quit: QEMU stores the bitmap through the failing file")
+    mark = log_size(vm)
+    status = vm.shutdown(check=False)
+    qio.log.log(f"QEMU exit status: {status}")
+    qemu_said(qio, vm, mark)
+    verify_after(qio, "after a failed store at shutdown")
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_store_at_read_only_reopen(qio: Case, fault: str) -> None:
+    vm = setup(qio)
+    for off, length in BEFORE:
+        qio.write(vm, NODE, off, length)
+    insert_fault(qio, vm, fault, read_only=False)
+    qio.log.heading("reopen read-only: the store fails")
+    mark = log_size(vm)
+    reply = vm.qmp_log("blockdev-reopen", options=[qcow2_over("dbg", read_only=True)])
+    qemu_said(qio, vm, mark)
+    qio.show_bitmaps(vm, NODE, hashes=False)
+    if "return" not in reply:
+        # the node stayed read-write: its bitmap must keep tracking writes
+        qio.log.heading("still read-write: writes, then a crash")
+        try_writes(qio, vm)
+    vm.kill()
+    qio.log.log("SIGKILL vm0")
+    verify_after(qio, "after a failed read-only reopen and a crash")
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_in_use_at_read_write_reopen(qio: Case, fault: str) -> None:
+    """The most dangerous moment: if QEMU let the node become read-write with the bitmap
+    recording but not marked in use on disk, a crash would leave a valid-looking bitmap
+    that misses the writes made afterwards."""
+    vm = setup(qio, vm_read_only=True)
+    insert_fault(qio, vm, fault, read_only=True)
+    qio.log.heading("reopen read-write: marking the bitmap in use fails")
+    mark = log_size(vm)
+    reply = vm.qmp_log("blockdev-reopen", options=[qcow2_over("dbg", read_only=False)])
+    qemu_said(qio, vm, mark)
+    qio.show_bitmaps(vm, NODE, hashes=False)
+    flags = qio.show_image_bitmaps("disk.qcow2", force_share=True)
+    if "return" in reply:
+        qio.log.heading("the node is read-write: writes, then a crash")
+        try_writes(qio, vm)
+    vm.kill()
+    qio.log.log("SIGKILL vm0")
+    assert flags, "the bitmap vanished from the image"
+    verify_after(qio, "after a failed in-use update and a crash")
