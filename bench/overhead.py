@@ -26,7 +26,10 @@ Why the comparison is fair
       environment (LANG/LC_ALL/TZ as the harness sets them) and stdout/stderr going to a log
       file in both cases.
     * Same QMP conversation: QEMU connects to a socket we listen on, capabilities are
-      negotiated, ``quit`` is sent and its reply read before waiting for the exit.
+      negotiated, ``quit`` is sent and its reply read before waiting for the exit. (The
+      only protocol difference: qemu.qmp asks for the ``oob`` capability when the greeting
+      offers it; that is the harness's choice and counts as harness cost.) The bare side
+      waits for the exit with a blocking ``waitpid`` (a watchdog timer kills a hung QEMU).
     * The sides alternate within each pair (bare first on even pairs, harness first on odd),
       so drift in machine load, page cache or CPU frequency hits both equally, and the
       first ``--warmup`` pairs are discarded. Medians are compared, so a stray slow run does
@@ -236,7 +239,7 @@ def p90(values: Sequence[float]) -> float:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:8.1f}"
+    return f"{seconds * 1000:9.1f}"
 
 
 def report(bare: Series, harness: Series, target: float) -> bool:
@@ -245,8 +248,8 @@ def report(bare: Series, harness: Series, target: float) -> bool:
           " until QMP ready / from quit to exit)")
     for s in (bare, harness):
         t = s.totals()
-        print(f"{s.name:9}{ms(statistics.median(t))} {ms(min(t))} {ms(p90(t))} "
-              f"{ms(statistics.median(r.up for r in s.runs))} "
+        print(f"{s.name:9}{ms(statistics.median(t))}{ms(min(t))}{ms(p90(t))}"
+              f"{ms(statistics.median(r.up for r in s.runs))}"
               f"{ms(statistics.median(r.down for r in s.runs))}")
     ratio = statistics.median(harness.totals()) / statistics.median(bare.totals())
     pair_ratio = statistics.median(h.total / b.total for h, b in zip(harness.runs, bare.runs,
@@ -365,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        print("overhead: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception:
         traceback.print_exc()
         sys.exit(2)  # a crash is "could not measure", never "over target" (1)

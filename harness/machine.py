@@ -44,7 +44,7 @@ from harness.errors import (
     MachineTimeout,
     QMPError,
 )
-from harness.processes import REGISTRY
+from harness.processes import REGISTRY, wait_exit
 from harness.transcript import Transcript
 
 SOCKET_PATH_MAX = 107
@@ -301,11 +301,9 @@ class Machine:
         if kill and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
-        try:
-            status = self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        REGISTRY.forget(self._proc.pid)
+        status = wait_exit(self._proc, timeout)
+        if status is not None:
+            REGISTRY.forget(self._proc.pid)
         return status
 
     def _finish(self, status: int | None) -> None:
@@ -337,8 +335,19 @@ class Machine:
     # -- QMP ------------------------------------------------------------------------------
 
     def _run(self, coro: Any, timeout: float) -> Any:
+        """Run one coroutine on this VM's loop; on any interruption (timeout, Ctrl-C, a
+        pytest-timeout signal) the task is cancelled and awaited, so nothing is left
+        pending to fail later with an error nobody collects."""
         assert self._loop is not None
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        task = self._loop.create_task(asyncio.wait_for(coro, timeout))
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            raise
 
     async def _client_execute(self, cmd: str, args: dict[str, Any]) -> Any:
         assert self._client is not None

@@ -14,6 +14,8 @@ import atexit
 import contextlib
 import ctypes
 import os
+import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
+SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -48,14 +51,17 @@ class ProcessRegistry:
         pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[Any]:
         """Start ``argv`` tied to this process's lifetime and remember it."""
+        # setpriv sets the death signal and execs the program (same pid); without it a
+        # Python preexec_fn does, which forces a slow fork of the whole interpreter
+        wrapper = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
         proc = subprocess.Popen(
-            list(argv),
+            [*wrapper, *argv],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
             env=env,
             pass_fds=tuple(pass_fds),
-            preexec_fn=_die_with_parent,
+            preexec_fn=None if SETPRIV else _die_with_parent,
             start_new_session=True,  # Ctrl-C in the terminal goes to pytest, not to QEMU
         )
         with self._lock:
@@ -103,6 +109,28 @@ class ProcessRegistry:
         for pid, _label in left:
             self.forget(pid)
         return left
+
+
+def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """Wait for ``proc`` to exit; its status, or None after ``timeout``.
+
+    ``Popen.wait(timeout)`` polls with growing sleeps and notices an exit milliseconds
+    late; a pidfd wakes up the moment the process ends.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return proc.wait() if ready else None
 
 
 def _pid_alive(pid: int) -> bool:
