@@ -15,11 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import struct
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +24,10 @@ from typing import Any
 
 import pytest
 
+from harness.bitmaps import live_bitmaps
 from harness.errors import HarnessError, Qcow2FormatError
+from harness.machine import Machine, blockdev, qcow2_node
+from harness.model import Extents
 from harness.qcow2 import BitmapNotFoundError, Qcow2Image
 
 KiB = 1024
@@ -78,17 +78,7 @@ def parsed_bitmaps(image: Qcow2Image) -> list[tuple[str, int, set[str]]]:
 
 def expected_ranges(writes: Writes, granularity: int, size: int) -> list[tuple[int, int]]:
     """What a bitmap must say after ``writes``: each rounded out to granules, then merged."""
-    spans = sorted(
-        (off // granularity * granularity, -(-(off + n) // granularity) * granularity)
-        for off, n in writes
-    )
-    merged: list[list[int]] = []
-    for start, end in spans:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(start, min(end, size) - start) for start, end in merged]
+    return list(Extents(writes).rounded(granularity, size))
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
@@ -98,90 +88,32 @@ def patch(path: Path, offset: int, data: bytes) -> None:
 
 
 class Qemu:
-    """One ``qemu-system-x86_64 -machine none`` with the image as node "disk", over QMP.
-
-    QEMU connects to a socket we already listen on, so there is no start-up race. The
-    process is always killed on exit from the ``with`` block, whatever happened.
-    """
+    """The image as node "disk" in a ``-machine none`` QEMU (a harness Machine), with the
+    few calls these tests need; the VM is always stopped on exit from the ``with``."""
 
     def __init__(self, image: Path, log: Path, read_only: bool = False) -> None:
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.sock: socket.socket | None = None
-        self.sockdir = tempfile.mkdtemp(prefix="qmp-")  # tmp_path can exceed sun_path
-        sock_path = os.path.join(self.sockdir, "qmp.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [
-            tool("qemu-system-x86_64"),
-            *("-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg"),
-            *("-chardev", f"socket,id=qmp,path={sock_path}", "-mon", "chardev=qmp,mode=control"),
-        ]
-        try:
-            listener.bind(sock_path)
-            listener.listen(1)
-            listener.settimeout(15)
-            with open(log, "w") as out:
-                self.proc = subprocess.Popen(
-                    argv, env=ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-                )
-            self.sock, _ = listener.accept()
-            self.sock.settimeout(15)
-            self.stream = self.sock.makefile("rw", encoding="utf-8")
-            self.stream.readline()  # greeting
-            self.cmd("qmp_capabilities")
-            file = {"driver": "file", "filename": str(image)}
-            node = {"node-name": "disk", "read-only": read_only, "file": file}
-            self.cmd("blockdev-add", driver="qcow2", **node)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            listener.close()
+        node = qcow2_node(image, "disk", read_only=read_only)
+        self.vm = Machine(log.stem, tool("qemu-system-x86_64"), scratch=log.parent,
+                          machine_type="none", args=blockdev(node))
+        self.vm.launch()
 
     def cmd(self, command: str, **arguments: Any) -> Any:
-        self.stream.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.stream.flush()
-        while True:
-            line = self.stream.readline()
-            assert line, f"QEMU closed QMP during {command}; log:\n{self.log.read_text()}"
-            reply = json.loads(line)
-            if "error" in reply:
-                raise AssertionError(f"{command} {arguments} failed: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]
+        return self.vm.qmp(command, **arguments)
 
     def io(self, command: str) -> None:
-        """Run a qemu-io command; its output goes to the log, checked in :meth:`quit`."""
-        self.cmd("human-monitor-command", **{"command-line": f'qemu-io disk "{command}"'})
+        self.vm.qemu_io("disk", command)
 
     def counts(self) -> dict[str, int]:
-        for node in self.cmd("query-named-block-nodes", flat=True):
-            if node["node-name"] == "disk":
-                return {b["name"]: b["count"] for b in node.get("dirty-bitmaps", [])}
-        raise AssertionError("node 'disk' is missing from query-named-block-nodes")
+        return {b.name: b.count for b in live_bitmaps(self.vm, "disk")}
 
     def quit(self, writes: int = 0) -> None:
         """Quit cleanly (QEMU stores the bitmaps) and check ``writes`` qemu-io writes worked."""
-        assert self.proc is not None
-        self.cmd("quit")
-        assert self.proc.wait(timeout=15) == 0, self.log.read_text()
-        log = self.log.read_text()
+        assert self.vm.shutdown() == 0
+        log = self.vm.log_path.read_text()
         assert log.count("wrote ") == writes, f"some qemu-io write failed:\n{log}"
 
     def sigkill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=15)
-
-    def close(self) -> None:
-        """Kill QEMU if it still runs (only this process, by its pid) and clean up."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(timeout=15)
-        if self.sock is not None:
-            self.sock.close()
-        shutil.rmtree(self.sockdir, ignore_errors=True)
+        self.vm.kill()
 
     def __enter__(self) -> Qemu:
         return self
@@ -189,7 +121,7 @@ class Qemu:
     def __exit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.vm.shutdown(check=False)
 
 
 @pytest.mark.parametrize(
