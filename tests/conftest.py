@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import textwrap
 import time
@@ -87,8 +88,7 @@ class Project:
 
     def run(self, *args: str, timeout: float = 90) -> pytest.RunResult:
         """``pytest cases ARGS`` in a subprocess, in the project directory."""
-        return self.pytester.runpytest_subprocess("cases", *args,
-                                                  timeout=timeout)
+        return self.pytester.runpytest_subprocess("cases", *args, timeout=timeout)
 
     def _records(self) -> list[list[str]]:
         path = self.root / PIDS_FILE
@@ -126,11 +126,6 @@ def start(qio: Case, name: str) -> Machine:
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> Project:
-    return Project(pytester)
-
-
-@pytest.fixture
 def qemu_system() -> str:
     """The qemu-system-x86_64 on PATH (the harness's own tests drive the system QEMU)."""
     path = shutil.which("qemu-system-x86_64")
@@ -140,11 +135,9 @@ def qemu_system() -> str:
 
 
 @pytest.fixture
-def qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        pytest.skip("qemu-img is not on PATH (apt-get install qemu-utils)")
-    return path
+def project(pytester: pytest.Pytester, qemu_system: str) -> Project:
+    """A throwaway project; its runs discover the QEMU on PATH like a user's would."""
+    return Project(pytester)
 
 
 @pytest.fixture
@@ -154,6 +147,6 @@ def no_leftovers() -> Iterator[None]:
     yield
     left = [(pid, label) for pid, label in REGISTRY.alive() if pid not in before]
     for pid, _label in left:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
         REGISTRY.forget(pid)
     assert not left, f"processes left running: {left}"

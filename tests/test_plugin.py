@@ -8,6 +8,7 @@ its ``expected/`` file, and runs pytest on it in a subprocess against the QEMU o
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,62 @@ def test_unused_sections_are_reported(project: Project) -> None:
     result = project.run()
     result.assert_outcomes(passed=3)
     assert "test_removed_long_ago" in result.stdout.str()
+
+
+SCRATCH = """
+from pathlib import Path
+
+from harness.session import Case
+
+RECORD = Path(__file__).resolve().parent.parent / "scratch.txt"
+
+
+def test_passes(qio: Case) -> None:
+    (qio.scratch / "evidence").write_text("x")
+    with RECORD.open("a") as f:
+        f.write(f"passes {qio.scratch}\\n")
+
+
+def test_fails(qio: Case) -> None:
+    (qio.scratch / "evidence").write_text("x")
+    with RECORD.open("a") as f:
+        f.write(f"fails {qio.scratch}\\n")
+    assert False
+"""
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-scratch"])
+def test_scratch_dirs_stay_for_failures_or_with_keep_scratch(project: Project,
+                                                              keep: bool) -> None:
+    project.case("scratch", SCRATCH)
+    result = project.run(*(["--keep-scratch"] if keep else []))
+    result.assert_outcomes(passed=1, failed=1)
+    scratch = dict(ln.split() for ln in (project.root / "scratch.txt").read_text().splitlines())
+    assert (Path(scratch["fails"]) / "evidence").exists()
+    assert (Path(scratch["passes"]) / "evidence").exists() == keep
+
+
+REPORT = """
+from harness.session import Case
+
+
+def test_bad_command(qio: Case) -> None:
+    vm = qio.vm(machine_type="none")
+    vm.launch()
+    vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
+"""
+
+
+def test_a_harness_error_reports_the_case_line_not_harness_frames(project: Project) -> None:
+    path = project.case("report", REPORT)
+    lineno = path.read_text().splitlines().index(
+        '    vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")') + 1
+    result = project.run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        f'test_report.py:{lineno}: vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")',
+        "QMPError: vm 'vm0': block-dirty-bitmap-add failed: GenericError: Cannot find device*",
+        "  sent: {'execute': 'block-dirty-bitmap-add', *",
+        "  received: {'error': {'class': 'GenericError', *",
+    ])
+    assert "harness/machine.py" not in result.stdout.str()
