@@ -25,6 +25,7 @@ from harness.session import Case, Environment
 
 ENV_KEY = pytest.StashKey[Environment]()
 CASE_KEY = pytest.StashKey[Case]()
+CALL_REPORT_KEY = pytest.StashKey[pytest.TestReport]()
 EXPECTED_DIR = Path(__file__).resolve().parent.parent / "expected"
 WORKER_ENV = "qiotests_env"
 REGEN_PROP = "qiotests-regen"
@@ -32,6 +33,8 @@ LEFTOVER_OUT = "qiotests_leftovers"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help or config.option.version:
+        return  # --help and --version must work without a QEMU
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
         config.stash[ENV_KEY] = Environment.from_json(workerinput[WORKER_ENV])
@@ -55,10 +58,32 @@ class _Controller:
         self.regen = RegenStore()
         self.leftovers: list[str] = []
         self.written: list[tuple[Path, list[str]]] = []
+        self.owned: dict[Path, set[str]] | None = None
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[WORKER_ENV] = self.config.stash[ENV_KEY].to_json()
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if session.items:
+            self._own([item.nodeid for item in session.items])
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if self.owned is None:
+            self._own(ids)
+
+    def _own(self, nodeids: list[str]) -> None:
+        """Which golden sections the collected tests own; only for runs that select whole
+        modules (no -k, -m or ::), where a section nobody owns really is stale."""
+        opt = self.config.option
+        if opt.keyword or opt.markexpr or any("::" in a for a in self.config.args):
+            return
+        self.owned = {}
+        for nodeid in nodeids:
+            module = self.config.rootpath / nodeid.split("::", 1)[0]
+            golden = golden_path_for(module, EXPECTED_DIR)
+            self.owned.setdefault(golden, set()).add(section_name(nodeid))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -72,9 +97,13 @@ class _Controller:
                 path, name, text = cast(tuple[str, str, str], value)
                 self.regen.record(Path(path), name, text)
 
+    @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # trylast: pytest's own sessionfinish tears down the fixtures of a test that was
+        # interrupted (Ctrl-C) first, so its VM is stopped there, not reported here
         self.leftovers += [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
-        if self.leftovers:
+        if self.leftovers and session.exitstatus in (pytest.ExitCode.OK,
+                                                     pytest.ExitCode.TESTS_FAILED):
             # a QEMU outliving its test is a harness bug: fail the run
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         self.written = self.regen.write_all()
@@ -85,6 +114,14 @@ class _Controller:
             tr.write_sep("=", "QEMU processes left running", red=True)
             tr.write_line("started by the harness and still running at the end of the session "
                           "(killed now): " + "; ".join(self.leftovers))
+        orphans = [(path, GoldenFile.load(path).orphans(names))
+                    for path, names in sorted((self.owned or {}).items())]
+        if any(names for _, names in orphans):
+            tr.write_sep("=", "golden sections no test owns (delete them)", yellow=True)
+            for path, names in orphans:
+                for name in names:
+                    tr.write_line(f"'=== {name} ===' in "
+                                  f"{os.path.relpath(path, self.config.rootpath)} belongs to no test")
         if self.written:
             tr.write_sep("=", "golden files (--regen)")
             for path, changed in self.written:
@@ -93,7 +130,7 @@ class _Controller:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return config.stash[ENV_KEY].header_lines()
+    return config.stash[ENV_KEY].header_lines() if ENV_KEY in config.stash else []
 
 
 @pytest.fixture
@@ -111,7 +148,7 @@ def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) ->
     case = Case(qio_env, tmp_path)
     request.node.stash[CASE_KEY] = case
     yield case
-    rep = getattr(request.node, "qio_call_report", None)
+    rep = request.node.stash.get(CALL_REPORT_KEY, None)
     failed = rep is None or not rep.passed
     problems = case.close(failed=failed)
     if problems:
@@ -132,8 +169,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     name = section_name(item.nodeid)
     text = case.log.text()
     if item.config.getoption("qio_regen"):
-        if text:
-            item.user_properties.append((REGEN_PROP, (str(golden), name, text)))
+        item.user_properties.append((REGEN_PROP, (str(golden), name, text)))
         return result
     if text or name in GoldenFile.load(golden).sections:
         compare(golden, name, text, case.scratch / f"{golden.stem}.out.actual",
@@ -145,12 +181,13 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     rep = yield
     if rep.when == "call":
-        item.qio_call_report = rep  # type: ignore[attr-defined]
+        item.stash[CALL_REPORT_KEY] = rep
     if rep.failed and call.excinfo is not None and call.excinfo.errisinstance(HarnessError):
         rep.longrepr = harness_failure_report(call.excinfo, Path(str(item.path)))
     return rep
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """In an xdist worker: kill and report (to the controller) what is still running."""
     workeroutput = getattr(session.config, "workeroutput", None)

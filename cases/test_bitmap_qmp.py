@@ -43,7 +43,8 @@ def test_merge_with_empty_source_list(qio: Case) -> None:
 
 def test_merge_edges(qio: Case) -> None:
     """Merging a bitmap into itself changes nothing; different granularities merge (the
-    coarse target gains whole granules); a merge that fails on an unknown name is rolled back (coarse would have grown a)."""
+    coarse target gains whole granules); a merge that fails on an unknown name is rolled
+    back (merging coarse would have grown a)."""
     vm = vm_with_bitmaps(qio)
     qio.show_bitmaps(vm, "drive0")
     vm.qmp_log("block-dirty-bitmap-merge", node="drive0", target="a", bitmaps=["a"])

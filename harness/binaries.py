@@ -133,7 +133,7 @@ def _find_one(
         return Program(role.key, str(p.resolve()), f"{role.option} option")
     if env.get(role.env):
         value = env[role.env]
-        found = shutil.which(value) if "/" not in value else value
+        found = shutil.which(value, path=env.get("PATH")) if "/" not in value else value
         if not found or not _executable(Path(found)):
             raise ConfigError(f"{role.env}={value}: no executable file there")
         return Program(role.key, str(Path(found).resolve()), f"{role.env} environment variable")
@@ -258,6 +258,8 @@ def probe(binaries: Binaries, workdir: str | None = None) -> Probe:
     qemu = binaries.path("system")
     accels = list_accelerators(qemu)
     with tempfile.TemporaryDirectory(prefix="qio-probe-", dir=workdir or "/tmp") as tmp:
+        if not accels:
+            raise ConfigError(f"{qemu} lists no accelerators with -accel help; is it QEMU?")
         vm = Machine("probe", qemu, accel="tcg" if "tcg" in accels else accels[0],
                      scratch=Path(tmp), machine_type="none")
         try:
@@ -333,9 +335,11 @@ def _time_boot_sector(qemu: str, accel: str, tmp: Path) -> tuple[float | None, s
                 time.sleep(0.02)
             status = vm.qmp("query-status").get("status")
     except HarnessError as e:
-        return None, f"QEMU with -accel {accel} failed: {getattr(e, 'reason', e)}"
+        said = getattr(e, "log_tail", "").strip().splitlines()
+        why = f": {said[-1].split(': ', 1)[-1]}" if said else ""
+        return None, f"QEMU with -accel {accel} failed ({getattr(e, 'reason', e)}){why}"
     return None, (f"a 512-byte test guest did not run under {accel} within "
-                  f"{KVM_GUEST_DEADLINE:.0f} s (VM status {status!r})")
+                  f"{KVM_GUEST_DEADLINE:g} s (VM status {status!r})")
 
 
 def resolve_accel(requested: str, probe_: Probe) -> tuple[str, str]:

@@ -51,10 +51,10 @@ class GoldenError(HarnessError):
     """A golden file cannot be used as it is (missing section, duplicate header...)."""
 
 
-def describe_status(status: int | None) -> str:
+def describe_status(status: int | None, running: bool = False) -> str:
     """Say how a process ended, the way a person would ("killed by SIGKILL")."""
     if status is None:
-        return "still running"
+        return "still running" if running else "did not finish"
     if status < 0:
         try:
             name = signal.Signals(-status).name
@@ -132,7 +132,8 @@ class MachineStateError(MachineError):
 class QMPError(MachineError):
     """QEMU answered a QMP command with an error; keeps what was sent and received."""
 
-    def __init__(self, vm: str, sent: dict[str, Any], received: dict[str, Any]) -> None:
+    def __init__(self, vm: str, sent: dict[str, Any], received: dict[str, Any],
+                 argv: Sequence[str] = (), log_tail: str = "") -> None:
         self.sent = sent
         self.received = received
         err = received.get("error", {})
@@ -140,5 +141,5 @@ class QMPError(MachineError):
         self.desc: str = str(err.get("desc", "?"))
         super().__init__(
             vm, f"{sent.get('execute')} failed: {self.error_class}: {self.desc}\n"
-            f"  sent: {sent}\n  received: {received}"
+            f"  sent: {sent}\n  received: {received}", argv, None, log_tail
         )

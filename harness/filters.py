@@ -28,14 +28,17 @@ def path_filter(path: str, placeholder: str) -> TextFilter:
 
 
 _QEMU_IO_RATE = re.compile(
-    r"^(?P<size>[\d.]+ \w+), (?P<ops>[\d.]+) ops; [\d:.]+ sec "
+    r"^(?P<size>[\d.]+ \w+), (?P<ops>[\d.]+) ops; [\d:.]+(?: sec)? "
     r"\([^)]*/sec and [\d.]+ ops/sec\)$",
     re.M,
 )
 
 
 def qemu_io_timings(text: str) -> str:
-    """qemu-io's "64 KiB, 1 ops; 00.00 sec (...)" lines: keep size and ops, drop rates."""
+    """qemu-io's "64 KiB, 1 ops; 00.00 sec (...)" lines: keep size and ops, drop rates.
+
+    An operation of a second or more prints ``0:00:01.10`` without ``sec``.
+    """
     return _QEMU_IO_RATE.sub(r"\g<size>, \g<ops> ops; XX.XX sec (XXX/sec and XXX ops/sec)", text)
 
 
@@ -47,11 +50,14 @@ def node_ids(text: str) -> str:
     return _NODE_ID.sub("#blockNNN", text)
 
 
-_TIMESTAMP = re.compile(r'"timestamp": \{"microseconds": \d+, "seconds": \d+\}')
+_TIMESTAMP = re.compile(
+    r'"timestamp": \{\s*"(?:micro)?seconds": \d+,\s*"(?:micro)?seconds": \d+\s*\}'
+)
 
 
 def timestamps(text: str) -> str:
-    """QMP event timestamps rendered as JSON."""
+    """QMP event timestamps rendered as JSON, in either key order (QEMU sends seconds
+    first; sorted JSON puts microseconds first)."""
     return _TIMESTAMP.sub('"timestamp": {"microseconds": "USECS", "seconds": "SECS"}', text)
 
 

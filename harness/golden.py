@@ -9,7 +9,8 @@ Format (one blank line closes each section)::
     === test_reopen[ro] ===
     ...
 
-A section header is a line ``=== <test name> ===`` where the name starts with ``test``;
+A section header is a line ``=== <test name> ===`` where the name starts with ``test`` (or
+``Test`` for a test in a class, ``TestX.test_y``) and may contain spaces (parameter ids);
 transcripts are not allowed to contain such a line, so the format is unambiguous. Each
 test compares only its own section, which is what makes ``-k`` and ``-n`` work. Updating
 is explicit (``--regen``) and rewrites only the sections of the tests that ran, keeping
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from harness.errors import GoldenError
 
-_HEADER = re.compile(r"^=== (test\S*) ===$")
+_HEADER = re.compile(r"^=== ((?:test|Test)\S(?:.*\S)?) ===$")
 
 
 def is_section_header(line: str) -> bool:
@@ -79,10 +80,12 @@ class GoldenFile:
 
     def updated(self, new: Mapping[str, str]) -> GoldenFile:
         """A copy with ``new`` sections replaced in place, new names appended sorted
-        (xdist finishes tests in any order; the file must not depend on it)."""
+        (xdist finishes tests in any order; the file must not depend on it). An empty
+        text removes the section: the test no longer logs anything."""
         merged = {n: new.get(n, body) for n, body in self.sections.items()}
         for name in sorted(n for n in new if n not in merged):
             merged[name] = new[name]
+        merged = {n: body for n, body in merged.items() if body}
         return GoldenFile(self.path, merged)
 
     def render(self) -> str:
@@ -95,6 +98,14 @@ class GoldenFile:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.render())
+            # mkstemp makes 0600 files: keep the old file's mode, or the umask's default
+            try:
+                mode = self.path.stat().st_mode & 0o777
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(tmp, mode)
             os.replace(tmp, self.path)
         except BaseException:
             os.unlink(tmp)
@@ -199,7 +210,7 @@ class RegenStore:
         written = []
         for path, new in sorted(self._pending.items()):
             old = GoldenFile.load(path)
-            changed = [n for n, t in new.items() if old.sections.get(n) != t]
+            changed = [n for n, t in new.items() if old.sections.get(n, "") != t]
             if changed:
                 old.updated(new).write()
             written.append((path, changed))

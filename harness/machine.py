@@ -181,6 +181,8 @@ class Machine:
         if self._sockdir is None or (self._own_sockdir and not self._sockdir.is_dir()):
             self._sockdir = short_socket_dir()
         if len(str(self.socket_path).encode()) > SOCKET_PATH_MAX:
+            if self._own_sockdir:
+                shutil.rmtree(self._sockdir, ignore_errors=True)
             raise ConfigError(
                 f"vm {self.name!r}: QMP socket path {self.socket_path} is longer than "
                 f"{SOCKET_PATH_MAX} bytes; use a shorter socket directory"
@@ -213,7 +215,7 @@ class Machine:
                 raise
             if isinstance(e, asyncio.TimeoutError | TimeoutError):
                 raise LaunchError(
-                    self.name, f"did not connect to QMP within {LAUNCH_TIMEOUT:.0f} s",
+                    self.name, f"did not connect to QMP within {LAUNCH_TIMEOUT:g} s",
                     self.argv, status, tail(self.log_path),
                 ) from None
             if isinstance(e, Exception):
@@ -248,13 +250,14 @@ class Machine:
         if self.state != "running":
             return self.exit_status
         unexpected = self._proc is not None and self._proc.poll() is not None
+        deadline = time.monotonic() + timeout
         if not unexpected:
             with contextlib.suppress(Exception):
-                self._run(self._client_execute("quit", {}), min(timeout, 5.0))
+                self._run(self._client_execute("quit", {}), timeout)
             # close our end while QEMU exits instead of after: it saves a round of the loop
             with contextlib.suppress(Exception):
-                self._run(self._client_disconnect(), min(timeout, 5.0))
-        status = self._reap(kill=False, timeout=timeout)
+                self._run(self._client_disconnect(), max(deadline - time.monotonic(), 0.01))
+        status = self._reap(kill=False, timeout=max(deadline - time.monotonic(), 0.0))
         killed = False
         if status is None:
             status = self._reap(kill=True)
@@ -262,7 +265,7 @@ class Machine:
         self._finish(status)
         if check and not self._expect_exit:
             if killed:
-                raise MachineTimeout(self.name, f"did not exit within {timeout:.0f} s of "
+                raise MachineTimeout(self.name, f"did not exit within {timeout:g} s of "
                                      "'quit' and was killed", self.argv, status,
                                      tail(self.log_path))
             if unexpected or status != 0:
@@ -294,7 +297,10 @@ class Machine:
         """Raise MachineExitError if QEMU has ended without being asked to."""
         if self.state == "running" and self._proc is not None and self._proc.poll() is not None:
             status = self._proc.returncode
+            REGISTRY.forget(self._proc.pid)
             self._finish(status)
+            if self._expect_exit:
+                return  # the case sent quit itself
             raise MachineExitError(self.name, "died when the case did not ask it to",
                                    self.argv, status, tail(self.log_path))
 
@@ -383,6 +389,8 @@ class Machine:
         """Run a command and return QEMU's reply message (``return`` or ``error``)."""
         self._require_running(cmd)
         self.check_alive()
+        if cmd == "quit":
+            self._expect_exit = True  # the case asked for it: an exit is not a death
         sent: dict[str, Any] = {"execute": cmd, **({"arguments": args} if args else {})}
         assert self._qmp_log is not None
         self._qmp_log.write(f"{time.monotonic():.6f} -> {json.dumps(sent)}\n")
@@ -394,7 +402,7 @@ class Machine:
             reply = {"error": received.get("error", {"class": e.error_class, "desc": str(e)})}
         except TimeoutError:
             self._drain_events_safely()
-            raise MachineTimeout(self.name, f"no reply to {cmd} within {self.qmp_timeout:.0f} s",
+            raise MachineTimeout(self.name, f"no reply to {cmd} within {self.qmp_timeout:g} s",
                                  self.argv, None, tail(self.log_path)) from None
         except (LibQMPError, OSError, EOFError) as e:
             self._lost_connection(cmd, e)
@@ -420,7 +428,7 @@ class Machine:
         reply = self.qmp_raw(cmd, **args)
         if "error" in reply:
             sent = {"execute": cmd, "arguments": args}
-            raise QMPError(self.name, sent, reply)
+            raise QMPError(self.name, sent, reply, self.argv, tail(self.log_path))
         return reply["return"]
 
     def qmp_log(self, cmd: str, **args: Any) -> dict[str, Any]:
@@ -512,7 +520,7 @@ class Machine:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MachineTimeout(self.name, f"no {'/'.join(sorted(wanted))} event within "
-                                     f"{timeout:.0f} s", self.argv, None, tail(self.log_path))
+                                     f"{timeout:g} s", self.argv, None, tail(self.log_path))
             self.check_alive()
             try:
                 ev = self._run(self._next_event(), min(left, 0.5))
@@ -563,13 +571,17 @@ class Machine:
                 hint = (" (a ready job waits for job-complete: pass complete=True)"
                         if last == "ready" else "")
                 raise MachineTimeout(self.name, f"job {job_id} did not finish within "
-                                     f"{timeout:.0f} s; last status: {last}{hint}",
+                                     f"{timeout:g} s; last status: {last}{hint}",
                                      self.argv, None, e.log_tail) from None
             if ev["event"] != "JOB_STATUS_CHANGE":
                 # BLOCK_JOB_* events come right after their status change: log, then act,
                 # so the transcript shows READY before the job-complete it triggers
                 if log and self.transcript is not None:
                     self.transcript.event(ev, self.log_prefix)
+                # an auto-dismissed job is gone from query-jobs by the time it concludes
+                if (ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+                        and "error" in ev.get("data", {})):
+                    error = str(ev["data"]["error"])
                 if ev["event"] == "BLOCK_JOB_READY":
                     if cancel:
                         self._job_cmd("job-cancel", job_id, log)
@@ -582,7 +594,7 @@ class Machine:
             statuses.append(status)
             if status == "concluded":
                 for job in self.qmp("query-jobs"):
-                    if job["id"] == job_id and "error" in job:
+                    if job["id"] == job_id and "error" in job and error is None:
                         error = str(job["error"])
                 if not auto_dismiss:
                     self._job_cmd("job-dismiss", job_id, log)

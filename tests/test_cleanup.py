@@ -163,10 +163,6 @@ def test_ctrl_c_leaves_no_qemu(project: Project) -> None:
     assert_all_gone(project, {"sleeps"})
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: the controller's pytest_sessionfinish "
-                   "runs before pytest tears the interrupted test's fixtures down, so it "
-                   "kills that VM itself, calls it a leftover and turns exit status 2 "
-                   "(interrupted) into 1 (tests failed)")
 def test_ctrl_c_is_reported_as_an_interruption(project: Project) -> None:
     status, out = interrupt(project)
     assert "left running" not in out

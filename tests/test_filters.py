@@ -67,9 +67,6 @@ def test_qemu_io_timings_keep_size_and_op_count() -> None:
     assert qemu_io_timings(raw) == "1 MiB, 16 ops; XX.XX sec (XXX/sec and XXX ops/sec)"
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: qemu_io_timings only knows the "
-                   "'00.00 sec' form; qemu-io prints 'H:MM:SS.ss' without 'sec' once an "
-                   "operation takes a second or more")
 def test_qemu_io_timings_for_an_operation_slower_than_a_second() -> None:
     # qemu-io --image-opts driver=null-co,size=1M,latency-ns=1100000000 -c "read 0 4k"
     # (7.2.22 and 10.0.2 print the same form)
@@ -106,8 +103,6 @@ def test_timestamps_in_rendered_events() -> None:
     assert json.loads(out)["data"] == EVENT["data"]
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: timestamps() only matches the key order "
-                   "render_json produces (microseconds first), not QEMU's own wire order")
 def test_timestamps_in_events_as_qemu_sends_them() -> None:
     # what QEMU writes on the QMP socket (and what <vm>.qmp.log records), key order kept
     wire = json.dumps(EVENT)

@@ -66,11 +66,6 @@ def test_render_parse_round_trip(tmp_path: Path) -> None:
         assert parse(g.render(), "y.out") == {"test_a": body, "test_b": body}
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="harness bug: the header regex wants a name starting with lower-case "
-                   "'test' and without spaces, but section_name() gives 'TestClass.test_x' for "
-                   "tests in a class and pytest ids may hold spaces; such a header is read back "
-                   "as body text of the section before it (or as text before the first header)")
 @pytest.mark.parametrize("nodeid", [
     "cases/test_165.py::TestReopen::test_ro",
     "cases/test_165.py::test_sizes[64 KiB]",
@@ -228,9 +223,6 @@ def test_regen_failure_leaves_the_old_file_whole(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["165.out"]
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: GoldenFile.write() renames a "
-                   "tempfile.mkstemp() file (mode 0600) over the golden file, so --regen "
-                   "turns a 0644 expected/*.out into 0600")
 def test_regen_keeps_the_file_mode(tmp_path: Path) -> None:
     path = tmp_path / "165.out"
     path.write_text("=== test_a ===\nold\n\n")

@@ -162,9 +162,6 @@ def test_hung_qemu_times_out_and_is_killed(qemu_system: str, tmp_path: Path,
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: shutdown(timeout=T) on a QEMU that "
-                   "does not answer waits min(T, 5) s for the 'quit' reply and then T s "
-                   "more for the exit, so a hung VM costs up to 15 s per test by default")
 def test_shutdown_of_a_hung_qemu_keeps_to_its_timeout(qemu_system: str, tmp_path: Path,
                                                       sockdir: Path) -> None:
     m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none", sockdir=sockdir)
@@ -186,9 +183,6 @@ def test_shutdown_twice_and_qmp_when_stopped(vm: Machine) -> None:
         vm.event_wait("STOP", timeout=1)
 
 
-@pytest.mark.xfail(strict=True, raises=MachineExitError, reason="harness rough edge: a case "
-                   "that sends 'quit' itself (to test a clean exit) is later reported as "
-                   "'died when the case did not ask it to' (exit status 0)")
 def test_quit_sent_by_the_case_is_not_an_unexpected_exit(vm: Machine) -> None:
     assert vm.qmp("quit") == {}
     assert vm.pid is not None
@@ -230,9 +224,6 @@ def test_qmp_error_keeps_what_was_sent_and_received(vm: Machine) -> None:
     assert reply["error"]["class"] == "GenericError"
 
 
-@pytest.mark.xfail(strict=True, reason="harness rough edge: QMPError is a MachineError whose "
-                   "docstring promises the command line and log tail, but it is built without "
-                   "them (no argv, no log tail: the report cannot say which QEMU answered)")
 def test_qmp_error_message_ends_with_the_command_line(vm: Machine) -> None:
     with pytest.raises(QMPError) as ei:
         vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
@@ -247,9 +238,6 @@ def test_event_wait_timeout_names_the_event(vm: Machine) -> None:
     assert 1.0 <= time.monotonic() - start < 3
 
 
-@pytest.mark.xfail(strict=True, reason="harness rough edge: timeouts are printed with "
-                   "'{:.0f}', so a sub-second timeout reads 'within 0 s' (same in qmp_raw, "
-                   "launch and ToolError's 'timed out after 0 s')")
 def test_a_short_timeout_is_printed_as_given(vm: Machine) -> None:
     with pytest.raises(MachineTimeout) as ei:
         vm.event_wait("BLOCK_JOB_COMPLETED", timeout=0.3)
@@ -302,10 +290,6 @@ def test_run_job_returns_the_error_of_a_failed_job(backup_vm: Machine) -> None:
     assert backup_vm.run_job("j0", auto_dismiss=False) == "Input/output error"
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: run_job reads a job's error from "
-                   "query-jobs at 'concluded', but with auto-dismiss (QEMU's default and "
-                   "run_job's) the job is already gone, so a failed job returns None; "
-                   "BLOCK_JOB_COMPLETED carries the error")
 def test_run_job_returns_the_error_of_an_auto_dismissed_job(backup_vm: Machine) -> None:
     backup(backup_vm, "j0", "eio")
     assert backup_vm.run_job("j0") == "Input/output error"
@@ -360,9 +344,6 @@ def test_socket_path_too_long(qemu_system: str, tmp_path: Path) -> None:
     assert m.pid is None  # nothing was started
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: launch() makes its own socket dir "
-                   "(mkdtemp in /tmp) before the length check and does not remove it when "
-                   "the check raises ConfigError")
 def test_socket_path_too_long_leaves_no_socket_dir(qemu_system: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Path] = []

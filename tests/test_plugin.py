@@ -173,9 +173,6 @@ def test_w{i}(qio: Case) -> None:
     project.run("-n", "2").assert_outcomes(passed=7)
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: --regen records a section only when the "
-                   "transcript is not empty, so a test that stopped logging keeps its stale "
-                   "section and fails again on the next plain run")
 def test_regen_of_a_test_that_now_logs_nothing(project: Project) -> None:
     project.case("demo", DEMO)
     project.golden("demo", GOOD + "=== test_silent ===\nit used to say this\n\n")
@@ -183,8 +180,6 @@ def test_regen_of_a_test_that_now_logs_nothing(project: Project) -> None:
     project.run().assert_outcomes(passed=3)
 
 
-@pytest.mark.xfail(strict=True, reason="harness bug: GoldenFile.orphans() is never called by "
-                   "the plugin, so sections no test owns are not reported (STYLE.md point 9)")
 def test_unused_sections_are_reported(project: Project) -> None:
     project.case("demo", DEMO)
     project.golden("demo", GOOD + "=== test_removed_long_ago ===\nstale\n\n")
