@@ -62,8 +62,8 @@ class Tool:
             cp = subprocess.run(argv, capture_output=True, text=True, cwd=self.scratch,
                                 env=tool_env(), timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
-            self._debug(f"$ {format_argv(argv)}\n  timed out after {timeout:.0f} s")
-            raise ToolError(argv, None, _text(e.stdout), f"timed out after {timeout:.0f} s") from e
+            self._debug(f"$ {format_argv(argv)}\n  timed out after {timeout:g} s")
+            raise ToolError(argv, None, _text(e.stdout), f"timed out after {timeout:g} s") from e
         except OSError as e:
             raise ToolError(argv, None, "", f"cannot run it: {e.strerror}") from e
         self._debug(f"$ {format_argv(argv)}\n  status {cp.returncode}\n"
