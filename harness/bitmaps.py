@@ -9,6 +9,8 @@ hashes get equal labels, and nothing in a golden file depends on QEMU's hash lay
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,29 @@ class HashLabels:
         if digest not in self._labels:
             self._labels[digest] = f"H{len(self._labels) + 1}"
         return self._labels[digest]
+
+
+def ranges_sha256(ranges: list[tuple[int, int]], granularity: int, size: int) -> str:
+    """What ``x-debug-block-dirty-bitmap-sha256`` must say for these dirty ranges.
+
+    QEMU hashes the last level of its HBitmap: one bit per granule, packed into 64-bit
+    little-endian words (``unsigned long`` on x86_64), ceil(granules / 64) words. Computing
+    it from the NBD view makes the hash a third, independent witness of the same bits.
+    """
+    granules = -(-size // granularity)
+    words = [0] * (-(-granules // 64))
+    for off, length in ranges:
+        for g in range(off // granularity, -(-(off + length) // granularity)):
+            words[g // 64] |= 1 << (g % 64)
+    return hashlib.sha256(b"".join(struct.pack("<Q", w) for w in words)).hexdigest()
+
+
+def ranges_count(ranges: list[tuple[int, int]], granularity: int) -> int:
+    """QEMU's ``count`` for these ranges: dirty granules times the granularity."""
+    granules: set[int] = set()
+    for off, length in ranges:
+        granules.update(range(off // granularity, -(-(off + length) // granularity)))
+    return len(granules) * granularity
 
 
 VIEW_BITMAP = "qiotests-view"

@@ -25,6 +25,8 @@ from harness.bitmaps import (
     image_bitmaps,
     live_bitmaps,
     live_ranges,
+    ranges_count,
+    ranges_sha256,
     sha256,
 )
 from harness.errors import HarnessError, MachineError, OracleFailure
@@ -172,8 +174,25 @@ class Case:
                                     f"has {sorted(live) or 'no bitmaps'}")
             b = live[name]
             ranges = [] if b.inconsistent else live_ranges(vm, node, name, self.img)
+            if not b.inconsistent:
+                self._views_agree(vm, node, b, ranges, where)
             verdicts.append(self.model.verdict(node, name, ranges, b.inconsistent))
         return self._judge(verdicts, where)
+
+    def _views_agree(self, vm: Machine, node: str, b: LiveBitmap,
+                     ranges: list[tuple[int, int]], where: str) -> None:
+        """QEMU's count and hash must describe the same bits as the NBD view."""
+        problems = []
+        if ranges_count(ranges, b.granularity) != b.count:
+            problems.append(f"count {b.count} but the NBD view has "
+                            f"{ranges_count(ranges, b.granularity)} dirty bytes")
+        if self.probe.has_command("x-debug-block-dirty-bitmap-sha256"):
+            size = self.model.nodes[node].size
+            if sha256(vm, node, b.name) != ranges_sha256(ranges, b.granularity, size):
+                problems.append("its sha256 does not match the bits of the NBD view")
+        if problems:
+            raise OracleFailure(f"bitmap {b.name!r} on {node!r} ({where}): QEMU's views "
+                                f"disagree: {'; '.join(problems)}")
 
     def check_disk(self, image: str | Path, node: str, names: Sequence[str] | None = None,
                    where: str = "on disk") -> list[Verdict]:

@@ -6,12 +6,14 @@ cleared offline with qemu-img): the checks must fail and name the missing ranges
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.bitmaps import live_bitmaps, live_ranges, ranges_count, ranges_sha256, sha256
 from harness.errors import OracleFailure
 from harness.machine import Machine, blockdev, qcow2_node
 from harness.session import Case, Environment
@@ -90,3 +92,19 @@ def test_removed_bitmap_is_reported(case: Case) -> None:
     vm.qmp("block-dirty-bitmap-remove", node="drive0", name="b")
     with pytest.raises(OracleFailure, match=r"'b' on 'drive0' .* is gone"):
         case.check_live(vm, "drive0")
+
+
+def test_views_must_agree(case: Case) -> None:
+    """check_live cross-checks count and sha256 against the NBD ranges; a count that
+    disagrees (as a broken QEMU or a broken NBD view would give) fails."""
+    vm = start(case)
+    case.write(vm, "drive0", 0x20000, 0x20001)
+    (b,) = live_bitmaps(vm, "drive0")
+    ranges = live_ranges(vm, "drive0", "b", case.img)
+    assert ranges == [(0x20000, 0x30000)]
+    assert ranges_count(ranges, b.granularity) == b.count == 0x30000
+    assert ranges_sha256(ranges, b.granularity, 8 * MiB) == sha256(vm, "drive0", "b")
+    assert ranges_sha256(ranges[:0], b.granularity, 8 * MiB) != sha256(vm, "drive0", "b")
+    wrong = dataclasses.replace(b, count=b.count - 0x10000)
+    with pytest.raises(OracleFailure, match="views disagree: count 131072"):
+        case._views_agree(vm, "drive0", wrong, ranges, "test")
