@@ -119,9 +119,9 @@ class _Controller:
         if any(names for _, names in orphans):
             tr.write_sep("=", "golden sections no test owns (delete them)", yellow=True)
             for path, names in orphans:
+                where = os.path.relpath(path, self.config.rootpath)
                 for name in names:
-                    tr.write_line(f"'=== {name} ===' in "
-                                  f"{os.path.relpath(path, self.config.rootpath)} belongs to no test")
+                    tr.write_line(f"'=== {name} ===' in {where} belongs to no test")
         if self.written:
             tr.write_sep("=", "golden files (--regen)")
             for path, changed in self.written:

@@ -171,6 +171,26 @@ class Verdict:
                 f"{format_ranges(self.actual)}")
 
 
+
+@dataclass(frozen=True)
+class SyncBitmapJob:
+    """A backup job's hold on its sync bitmap, from ``Model.backup_begin`` to ``backup_end``.
+
+    ``at_start`` is what the bitmap had to contain when the job took it (rounded to its
+    granularity): the clusters the job is asked to copy. ``successor`` names the model's
+    stand-in for QEMU's successor bitmap, which records the writes made during the job.
+    """
+
+    node: str
+    bitmap: str
+    at_start: Extents
+    successor: str
+
+
+#: ``bitmap-mode`` values (QAPI BitmapSyncMode); ``sync=incremental`` means ``on-success``.
+BITMAP_SYNC_MODES = ("on-success", "always", "never")
+
+
 class ModelError(Exception):
     """The case told the model something impossible (unknown node or bitmap)."""
 
@@ -251,6 +271,61 @@ class Model:
         for layer in [*through, top]:
             for off, length in self._node(layer).data:
                 self.write(base, off, length)
+
+    # -- backup jobs (blockdev-backup with a sync bitmap) -------------------------------
+
+    def backup_begin(self, node: str, name: str) -> SyncBitmapJob:
+        """A backup job started with bitmap ``name`` (sync=bitmap or incremental).
+
+        QEMU freezes the bitmap and records writes made during the job in a successor
+        (an anonymous bitmap that later replaces it or is merged back). The model adds a
+        successor too, recording like the bitmap; the bitmap itself keeps requiring its
+        bits (and the new writes) until ``backup_end`` applies the mode. So a case that
+        forgets ``backup_end`` gets a stricter oracle, never a weaker one, and a check of
+        every bitmap of the node trips over the leftover successor. Do not check the
+        bitmap while the job runs (QEMU reports it busy, and its successor separately).
+        """
+        b = self.bitmap(node, name)
+        successor = f"{name} (successor during a backup job)"
+        self.add_bitmap(node, successor, b.granularity, recording=b.recording)
+        return SyncBitmapJob(node, name, b.required(self._node(node).size), successor)
+
+    def backup_end(self, job: SyncBitmapJob, mode: str, succeeded: bool,
+                   received: Extents | None = None) -> None:
+        """The job ended; apply QAPI ``BitmapSyncMode`` to the sync bitmap.
+
+        * ``on-success`` (also what ``sync=incremental`` does): on success the bits the job
+          started with are cleared (only the writes made during the job stay); on failure
+          or cancel the bitmap is unchanged (its bits plus the job-time writes).
+        * ``never``: unchanged, whatever the outcome (a differential manifest).
+        * ``always``: the bits that were copied are cleared even when the job failed or
+          was cancelled. What was copied is what the target actually received: pass
+          ``received`` (the target's own allocated extents, from ``qemu-img map``); every
+          granule not entirely received stays dirty. QEMU merges the block-copy bitmap
+          (clusters not copied) into the successor, which is exactly this.
+
+        A failed or cancelled job is the same thing here: QEMU ends both with an error
+        status and applies the same rule.
+        """
+        if mode == "incremental":
+            mode = "on-success"
+        if mode not in BITMAP_SYNC_MODES:
+            raise ModelError(f"unknown bitmap-mode {mode!r} (one of {BITMAP_SYNC_MODES})")
+        synced = mode != "never" and (succeeded or mode == "always")
+        if synced and not succeeded and received is None:
+            raise ModelError("bitmap-mode 'always' after a failed or cancelled job needs "
+                             "the extents the target received")
+        b = self.bitmap(job.node, job.bitmap)
+        during = self.bitmap(job.node, job.successor).seen
+        self.remove_bitmap(job.node, job.successor)
+        if not synced:
+            return  # the bitmap recorded the job-time writes itself
+        b.seen = during.copy()
+        if not succeeded:
+            size = self._node(job.node).size
+            # a granule is clean only if all of it reached the target
+            b.seen.update(job.at_start.minus(Extents(received or ())).rounded(
+                b.granularity, size))
 
     # -- checking -----------------------------------------------------------------------
 

@@ -1,0 +1,506 @@
+"""Push-mode incremental backups (``blockdev-backup``) that must restore to the right data.
+
+Upstream's iotest 257 checks bitmap counts after each ``bitmap-mode`` and outcome. Here
+every successful backup is also restored (the chain full <- inc1 <- ... flattened with
+``qemu-img convert``) and compared with the source as it was when that backup started,
+and the bitmap left behind is checked exactly against the model (harness/model.py,
+``backup_begin``/``backup_end``): a bit the mode should have kept and QEMU dropped fails,
+and so does a bit it should have cleared and QEMU kept.
+
+The matrix: ``sync=incremental`` and ``sync=bitmap`` with ``bitmap-mode`` ``on-success``,
+``always``, ``never``; each run to success, cancelled, failed by EIO on the target and
+failed by EIO on the source. A second backup after each then proves the bitmap and the
+kept images still make a complete chain (for ``always``, the partial first backup stays
+in it; for the others a failed first backup is thrown away). Then bitmap management in
+``transaction``: incremental + differential backups from one point in time, libvirt-style
+checkpoints (disable/add/merge, a rollback), and bitmaps merged across an external
+snapshot chain.
+
+Every backup job is started with ``auto-dismiss: false`` so its error can be read from
+``query-jobs`` before it disappears (with auto-dismiss QEMU removes a failed job before
+the harness can ask, and the error would read as success).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from harness.backup import (
+    Chain,
+    check_sync_bitmap,
+    completed_job_size,
+    create_target,
+    expect_incomplete,
+    failed_job_progress,
+    host_offset,
+    received,
+    reference,
+    target_node,
+    verify_restore,
+)
+from harness.binaries import Probe
+from harness.machine import Machine, blockdev, qcow2_node
+from harness.session import Case
+
+SIZE = 4 << 20
+GRAN = 64 << 10
+NODE = "drive0"
+Regions = tuple[tuple[int, int], ...]
+
+# (offset, length) of each phase's writes; several straddle two 64 KiB granules
+W0 = ((0, 0x10000), (0x100000, 0x20000), (0x2F8000, 0x10000), (0x3F0000, 0x10000))
+W1 = ((0, 0x1000), (0xF8000, 0x10000), (0x208000, 0x10000), (0x3E0000, 0x10000))
+# during backup 1: into cluster 0 (the throttled job copies it first, then sleeps), into
+# 0x200000 (dirty, not yet copied: copy-before-write must save the old data first) and
+# into 0x300000-0x320000 (not dirty: nothing to save, only the new bits)
+DURING = ((0x800, 0x200), (0x20C000, 0x200), (0x300000, 0x18000))
+W2 = ((0x10000, 0x30000), (0xE8000, 0x10000), (0x3FFE00, 0x200))
+W3 = ((0x80000, 0x10000), (0x1FF000, 0x2000))
+W4 = ((0x380000, 0x800), (0x0, 0x200))
+
+# speed 1 B/s lets block-copy start exactly one chunk (the first dirty run, cluster 0)
+# and then sleep for hours; set-speed 0 or job-cancel wakes it. So what is copied before
+# the writes made during the job is the same on every run.
+CRAWL = 1
+
+MODES: dict[str, dict[str, str]] = {
+    "incremental": {"sync": "incremental"},
+    "on-success": {"sync": "bitmap", "bitmap-mode": "on-success"},
+    "always": {"sync": "bitmap", "bitmap-mode": "always"},
+    "never": {"sync": "bitmap", "bitmap-mode": "never"},
+}
+OUTCOMES = ("success", "cancel", "target-eio", "source-eio")
+
+# A fresh 4 MiB qcow2 target keeps header, refcount table, refcount block and L1 in its
+# first four clusters; the first allocating write adds the L2 table at 0x40000 and data
+# from 0x50000. Host cluster 0x60000 is therefore the first or second data cluster the
+# job writes, whichever guest cluster that is (parallel copies land in any order).
+TARGET_EIO = {"event": "pwritev", "iotype": "write", "errno": 5, "once": True,
+              "sector": 0x60000 // 512}
+# the source fault hits the second half of W1's straddling write: a dirty cluster
+SOURCE_EIO_AT = 0x210000
+
+
+# -- set-up and steps -------------------------------------------------------------------
+
+
+def start(qio: Case) -> Machine:
+    """The source: qcow2 over a named file node, so a blkdebug can be put between."""
+    qio.img.create("src.qcow2", SIZE)
+    qio.model.node(NODE, SIZE)
+    file0 = {"driver": "file", "filename": str(qio.path("src.qcow2")), "node-name": "file0"}
+    vm = qio.vm(machine_type="none",
+                args=[*blockdev(file0), *blockdev({"driver": "qcow2", "node-name": NODE,
+                                                   "file": "file0"})])
+    vm.launch()
+    return vm
+
+
+def writes(qio: Case, vm: Machine, regions: Regions, pattern: int, node: str = NODE,
+           via: str | None = None) -> None:
+    """Guest writes into ``node``; ``via`` is the node to issue them to when a backup's
+    filter sits on top (writing under it is refused: the filter unshares write)."""
+    for off, length in regions:
+        if via is None:
+            qio.write(vm, node, off, length, pattern=pattern)
+        else:
+            vm.qemu_io(via, f"write -P {pattern:#x} {off:#x} {length:#x}", log=True)
+            qio.model.write(node, off, length)
+
+
+def add_target(qio: Case, vm: Machine, image: str, backing: str | None = None,
+               inject: tuple[dict[str, Any], ...] = ()) -> None:
+    create_target(qio.img, image, SIZE, backing=backing)
+    vm.qmp_log("blockdev-add", **target_node(qio.path(image), image.removesuffix(".qcow2"),
+                                             inject))
+
+
+def del_target(vm: Machine, image: str) -> None:
+    vm.qmp_log("blockdev-del", **{"node-name": image.removesuffix(".qcow2")})
+
+
+def backup_args(job: str, target: str, device: str = NODE, **more: Any) -> dict[str, Any]:
+    return {"job-id": job, "device": device, "target": target, "auto-dismiss": False,
+            **more}
+
+
+def bitmap_add(name: str, node: str = NODE, **more: Any) -> dict[str, Any]:
+    return {"type": "block-dirty-bitmap-add",
+            "data": {"node": node, "name": name, "granularity": GRAN, **more}}
+
+
+def action(kind: str, **data: Any) -> dict[str, Any]:
+    return {"type": kind, "data": data}
+
+
+def finish(vm: Machine, job: str) -> str | None:
+    """Drive a job started with auto-dismiss false to its end; its error or None."""
+    return vm.run_job(job, auto_dismiss=False)
+
+
+def full_backup(qio: Case, vm: Machine, bitmaps: tuple[str, ...], image: str = "full.qcow2",
+                device: str = NODE, source: str = "src.qcow2", n: int = 0,
+                before: tuple[dict[str, Any], ...] = ()) -> Chain:
+    """``before`` actions, new bitmaps and a full backup in one transaction: the bitmaps
+    start exactly at the backup's point in time. Restored and checked at once."""
+    ref = reference(qio, vm, device, source, n)
+    add_target(qio, vm, image)
+    job = f"backup{n}"
+    actions = [*before, *(bitmap_add(b, device) for b in bitmaps),
+               action("blockdev-backup", **backup_args(job, image.removesuffix(".qcow2"),
+                                                       device, sync="full"))]
+    assert "return" in vm.qmp_log("transaction", actions=actions)
+    for b in bitmaps:
+        qio.model.add_bitmap(device, b, granularity=GRAN)
+    assert finish(vm, job) is None
+    del_target(vm, image)
+    chain = Chain((image,))
+    verify_restore(qio, chain, ref, f"backup-{n}")
+    return chain
+
+
+def insert_source_fault(qio: Case, vm: Machine) -> None:
+    """blkdebug under the source qcow2 node: the next read of one dirty cluster fails."""
+    vm.qemu_io(NODE, "flush")
+    host = host_offset(qio.img, "src.qcow2", SOURCE_EIO_AT)
+    qio.log.log(f"source: guest cluster {SOURCE_EIO_AT:#x} is at {host:#x} in src.qcow2")
+    rule = {"event": "read_aio", "iotype": "read", "errno": 5, "once": True,
+            "sector": host // 512}
+    vm.qmp_log("blockdev-add", driver="blkdebug", image="file0",
+               **{"node-name": "dbg", "inject-error": [rule]})
+    assert "return" in vm.blockdev_reopen({"driver": "qcow2", "node-name": NODE, "file": "dbg"})
+
+
+def remove_source_fault(vm: Machine) -> None:
+    assert "return" in vm.blockdev_reopen({"driver": "qcow2", "node-name": NODE,
+                                           "file": "file0"})
+    vm.qmp_log("blockdev-del", **{"node-name": "dbg"})
+
+
+# -- the bitmap-mode x outcome matrix ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,outcome", [
+    pytest.param(m, o, id=f"{m}-{o}") for m in MODES for o in OUTCOMES
+])
+def test_bitmap_sync(qio: Case, mode: str, outcome: str) -> None:
+    vm = start(qio)
+    qio.log.heading("writes, then bitmap b0 and a full backup in one transaction")
+    writes(qio, vm, W0, 0x11)
+    full = full_backup(qio, vm, ("b0",))
+
+    qio.log.heading("writes after the full backup: b0 tracks them")
+    writes(qio, vm, W1, 0x22)
+    check_sync_bitmap(qio, vm, NODE, ["b0"], "before backup 1")
+
+    qio.log.heading(f"backup 1: {' '.join(f'{k}={v}' for k, v in MODES[mode].items())}, "
+                    f"outcome {outcome}")
+    ref1 = reference(qio, vm, NODE, "src.qcow2", 1)
+    throttled = outcome in ("success", "cancel")
+    if outcome == "target-eio":
+        # which guest cluster the failing host cluster holds changes from run to run, so
+        # how far the job got does too; under "always" so does what backup 2 must copy
+        qio.log.add_filter(failed_job_progress)
+        if mode == "always":
+            qio.log.add_filter(completed_job_size("backup2"))
+    add_target(qio, vm, "inc1.qcow2", backing="full.qcow2",
+               inject=(TARGET_EIO,) if outcome == "target-eio" else ())
+    if outcome == "source-eio":
+        insert_source_fault(qio, vm)
+    extra: dict[str, Any] = {"speed": CRAWL, "filter-node-name": "cbw1"} if throttled else {}
+    assert "return" in vm.qmp_log("blockdev-backup", **backup_args(
+        "backup1", "inc1", bitmap="b0", **MODES[mode], **extra))
+    job = qio.model.backup_begin(NODE, "b0")
+    if throttled:
+        writes(qio, vm, DURING, 0x33, via="cbw1")
+        if outcome == "success":
+            vm.qmp_log("block-job-set-speed", device="backup1", speed=0)
+        else:
+            vm.qmp_log("job-cancel", id="backup1")
+    error = finish(vm, "backup1")
+    del_target(vm, "inc1.qcow2")
+    if outcome == "source-eio":
+        remove_source_fault(vm)
+    expected_error = {"success": None, "cancel": "Operation canceled"}.get(
+        outcome, "Input/output error")
+    assert error == expected_error, f"backup1 ended with {error!r}"
+
+    succeeded = outcome == "success"
+    got = None if succeeded else received(qio.img, "inc1.qcow2")
+    qio.model.backup_end(job, mode, succeeded, got)
+    vary = None
+    if mode == "always" and outcome == "target-eio":
+        vary = "the bits inc1.qcow2 did not receive; which ones depends on copy order"
+    else:
+        qio.show_bitmaps(vm, NODE)
+    check_sync_bitmap(qio, vm, NODE, ["b0"], "after backup 1", ranges_vary=vary)
+    chain = full.then("inc1.qcow2", partial=not succeeded)
+    if succeeded:
+        verify_restore(qio, chain, ref1, "backup-1")
+    else:
+        expect_incomplete(qio, chain, ref1, "backup-1")
+
+    # what backup 2 builds on: "never" keeps every bit since the full backup, so each of
+    # its backups is a differential over the full one; "always" cleared what inc1 got,
+    # so inc1 must stay even when partial; otherwise a failed inc1 is thrown away
+    keep_inc1 = mode != "never" and (succeeded or mode == "always")
+    base = chain if keep_inc1 else full
+    qio.log.heading(f"writes, then backup 2 (same mode) onto {base.describe()}")
+    writes(qio, vm, W2, 0x44)
+    ref2 = reference(qio, vm, NODE, "src.qcow2", 2)
+    add_target(qio, vm, "inc2.qcow2", backing=base.top)
+    assert "return" in vm.qmp_log("blockdev-backup", **backup_args(
+        "backup2", "inc2", bitmap="b0", **MODES[mode]))
+    job = qio.model.backup_begin(NODE, "b0")
+    assert finish(vm, "backup2") is None
+    del_target(vm, "inc2.qcow2")
+    qio.model.backup_end(job, mode, True)
+    qio.show_bitmaps(vm, NODE)
+    check_sync_bitmap(qio, vm, NODE, ["b0"], "after backup 2")
+    verify_restore(qio, base.then("inc2.qcow2"), ref2, "backup-2")
+    vm.shutdown()
+
+
+# -- bitmap management in transactions ----------------------------------------------------
+
+
+def test_incremental_and_differential(qio: Case) -> None:
+    """Two bitmaps from the full backup on: ``inc`` is cleared by each incremental,
+    ``diff`` never; each differential copies ``diff`` into a temporary bitmap in the
+    same transaction, so it holds every change since the full backup. Both backups of
+    a round start at one point in time. Then a new full backup clears both bitmaps in
+    its own transaction, and the next differential builds on it."""
+    vm = start(qio)
+    qio.log.heading("writes, then bitmaps inc and diff and a full backup in one transaction")
+    writes(qio, vm, W0, 0x11)
+    full = full_backup(qio, vm, ("inc", "diff"))
+    incs = full
+    for n, regions, pattern in ((1, W1, 0x22), (2, W2, 0x33)):
+        qio.log.heading(f"writes, then backup {n}: incremental from inc, differential "
+                        "from a copy of diff, one transaction")
+        writes(qio, vm, regions, pattern)
+        ref = reference(qio, vm, NODE, "src.qcow2", n)
+        add_target(qio, vm, f"inc{n}.qcow2", backing=incs.top)
+        add_target(qio, vm, f"diff{n}.qcow2", backing=full.top)
+        assert "return" in vm.qmp_log("transaction", actions=[
+            bitmap_add("merged", disabled=True),
+            action("block-dirty-bitmap-merge", node=NODE, target="merged", bitmaps=["diff"]),
+            action("blockdev-backup", **backup_args(f"inc{n}", f"inc{n}", sync="incremental",
+                                                    bitmap="inc")),
+            action("blockdev-backup", **backup_args(f"diff{n}", f"diff{n}", sync="bitmap",
+                                                    bitmap="merged", **{"bitmap-mode": "never"})),
+        ])
+        qio.model.add_bitmap(NODE, "merged", granularity=GRAN, recording=False)
+        qio.model.merge(NODE, "merged", [(NODE, "diff")])
+        jobs = [qio.model.backup_begin(NODE, "inc"), qio.model.backup_begin(NODE, "merged")]
+        assert finish(vm, f"inc{n}") is None
+        assert finish(vm, f"diff{n}") is None
+        qio.model.backup_end(jobs[0], "incremental", True)
+        qio.model.backup_end(jobs[1], "never", True)
+        check_sync_bitmap(qio, vm, NODE, ["diff", "inc", "merged"], f"after backup {n}")
+        vm.qmp_log("block-dirty-bitmap-remove", node=NODE, name="merged")
+        qio.model.remove_bitmap(NODE, "merged")
+        for image in (f"inc{n}.qcow2", f"diff{n}.qcow2"):
+            del_target(vm, image)
+        incs = incs.then(f"inc{n}.qcow2")
+        verify_restore(qio, incs, ref, f"backup-{n}-incremental")
+        verify_restore(qio, full.then(f"diff{n}.qcow2"), ref, f"backup-{n}-differential")
+        qio.show_bitmaps(vm, NODE)
+
+    qio.log.heading("backup 3: a new full backup; inc and diff cleared in its transaction")
+    full3 = full_backup(qio, vm, (), image="full3.qcow2", n=3, before=(
+        action("block-dirty-bitmap-clear", node=NODE, name="inc"),
+        action("block-dirty-bitmap-clear", node=NODE, name="diff"),
+    ))
+    qio.model.clear(NODE, "inc")
+    qio.model.clear(NODE, "diff")
+    qio.log.heading("writes after the new full backup: both bitmaps start from it")
+    writes(qio, vm, W3, 0x44)
+    check_sync_bitmap(qio, vm, NODE, ["diff", "inc"], "after writes on the new base")
+
+    qio.log.heading("backup 4: a differential onto the new full backup")
+    ref = reference(qio, vm, NODE, "src.qcow2", 4)
+    add_target(qio, vm, "diff4.qcow2", backing=full3.top)
+    assert "return" in vm.qmp_log("blockdev-backup", **backup_args(
+        "diff4", "diff4", sync="bitmap", bitmap="diff", **{"bitmap-mode": "never"}))
+    job = qio.model.backup_begin(NODE, "diff")
+    assert finish(vm, "diff4") is None
+    qio.model.backup_end(job, "never", True)
+    del_target(vm, "diff4.qcow2")
+    check_sync_bitmap(qio, vm, NODE, ["diff", "inc"], "after backup 4")
+    verify_restore(qio, full3.then("diff4.qcow2"), ref, "backup-4")
+    vm.shutdown()
+
+
+def checkpoint_backup(qio: Case, vm: Machine, n: int, image: str, sources: list[str],
+                      before: tuple[dict[str, Any], ...] = (),
+                      mirror_before: Callable[[], None] = lambda: None) -> None:
+    """One transaction: ``before`` actions, a temporary bitmap merged from the checkpoint
+    bitmaps ``sources``, and a backup from it onto the full backup. Then restored.
+
+    ``mirror_before`` tells the model what ``before`` did (the transaction's actions
+    take effect in order, so it runs first)."""
+    ref = reference(qio, vm, NODE, "src.qcow2", n)
+    add_target(qio, vm, image, backing="full.qcow2")
+    node = image.removesuffix(".qcow2")
+    assert "return" in vm.qmp_log("transaction", actions=[
+        *before,
+        bitmap_add("merged", disabled=True),
+        action("block-dirty-bitmap-merge", node=NODE, target="merged", bitmaps=sources),
+        action("blockdev-backup", **backup_args(f"backup{n}", node, sync="bitmap",
+                                                bitmap="merged", **{"bitmap-mode": "never"})),
+    ])
+    mirror_before()
+    qio.model.add_bitmap(NODE, "merged", granularity=GRAN, recording=False)
+    qio.model.merge(NODE, "merged", [(NODE, s) for s in sources])
+    job = qio.model.backup_begin(NODE, "merged")
+    assert finish(vm, f"backup{n}") is None
+    qio.model.backup_end(job, "never", True)
+    del_target(vm, image)
+    check_sync_bitmap(qio, vm, NODE, ["merged"], f"after backup {n}")
+    vm.qmp_log("block-dirty-bitmap-remove", node=NODE, name="merged")
+    qio.model.remove_bitmap(NODE, "merged")
+    verify_restore(qio, Chain(("full.qcow2", image)), ref, f"backup-{n}")
+
+
+def test_checkpoints(qio: Case) -> None:
+    """libvirt-style checkpoints: each backup disables the current bitmap and adds the
+    next one in its transaction; "since checkpoint K" is a merge of the bitmaps from K
+    on. A transaction that fails must roll back the clear and enable before it."""
+    vm = start(qio)
+    qio.log.heading("writes, then checkpoint c0 with the full backup")
+    writes(qio, vm, W0, 0x11)
+    full_backup(qio, vm, ("c0",))
+
+    qio.log.heading("writes; backup 1 since c0: disable c0, add c1, back up a copy of c0")
+    writes(qio, vm, W1, 0x22)
+
+    def checkpoint_c1() -> None:
+        qio.model.disable(NODE, "c0")
+        qio.model.add_bitmap(NODE, "c1", granularity=GRAN)
+
+    checkpoint_backup(qio, vm, 1, "inc1.qcow2", ["c0"], before=(
+        action("block-dirty-bitmap-disable", node=NODE, name="c0"),
+        bitmap_add("c1"),
+    ), mirror_before=checkpoint_c1)
+
+    qio.log.heading("writes reach c1 only (c0 is disabled)")
+    writes(qio, vm, W2, 0x33)
+    qio.show_bitmaps(vm, NODE)
+    check_sync_bitmap(qio, vm, NODE, ["c0", "c1"], "after backup 1")
+
+    qio.log.heading("backup 2: everything since the full backup, c0 and c1 merged")
+    checkpoint_backup(qio, vm, 2, "diff2.qcow2", ["c0", "c1"])
+
+    qio.log.heading("a failing transaction: clear c1 and enable c0 are rolled back")
+    reply = vm.qmp_log("transaction", actions=[
+        action("block-dirty-bitmap-clear", node=NODE, name="c1"),
+        action("block-dirty-bitmap-enable", node=NODE, name="c0"),
+        bitmap_add("c1"),
+    ])
+    assert "error" in reply
+    qio.show_bitmaps(vm, NODE)
+    writes(qio, vm, W3, 0x44)
+    check_sync_bitmap(qio, vm, NODE, ["c0", "c1"], "after the rollback")
+
+    qio.log.heading("delete checkpoint c1: merge it into c0, enable c0, clear c1")
+    assert "return" in vm.qmp_log("transaction", actions=[
+        action("block-dirty-bitmap-merge", node=NODE, target="c0", bitmaps=["c1"]),
+        action("block-dirty-bitmap-enable", node=NODE, name="c0"),
+        action("block-dirty-bitmap-clear", node=NODE, name="c1"),
+    ])
+    qio.model.merge(NODE, "c0", [(NODE, "c1")])
+    qio.model.enable(NODE, "c0")
+    qio.model.clear(NODE, "c1")
+    writes(qio, vm, W4, 0x55)
+    qio.show_bitmaps(vm, NODE)
+    check_sync_bitmap(qio, vm, NODE, ["c0", "c1"], "after deleting c1")
+
+    qio.log.heading("backup 3 since the full backup, from c0 alone")
+    checkpoint_backup(qio, vm, 3, "diff3.qcow2", ["c0"])
+    vm.shutdown()
+
+
+# -- bitmaps across an external snapshot chain -------------------------------------------
+
+
+def merge_takes_node_sources(probe: Probe) -> bool:
+    """Whether ``block-dirty-bitmap-merge`` accepts ``{"node", "name"}`` sources (an
+    alternate of a name and a BlockDirtyBitmap object in the QMP schema)."""
+    by_name = {e.get("name"): e for e in probe.schema}
+    cmd = by_name.get("block-dirty-bitmap-merge", {})
+    args = by_name.get(cmd.get("arg-type"), {})
+    member: dict[str, Any] = next(
+        (m for m in args.get("members", []) if m.get("name") == "bitmaps"), {})
+    elem = by_name.get(by_name.get(member.get("type"), {}).get("element-type"), {})
+    if elem.get("meta-type") != "alternate":
+        return False
+    for m in elem.get("members", []):
+        t = by_name.get(m.get("type"), {})
+        if t.get("meta-type") == "object" and {"node", "name"} <= {
+                x.get("name") for x in t.get("members", [])}:
+            return True
+    return False
+
+
+def test_merge_across_snapshots(qio: Case) -> None:
+    """b0 on base from the full backup on; each external snapshot adds the next bitmap on
+    the new overlay in the same transaction, so no write falls between two bitmaps.
+    "Everything since the full backup" is then base/b0 + mid/b1 + top/b2 merged into a
+    bitmap on the active node, and a backup of the active node from it restores."""
+    if not merge_takes_node_sources(qio.probe):
+        pytest.skip(f"QEMU {qio.probe.version}: block-dirty-bitmap-merge takes no "
+                    "{node, name} sources")
+    qio.img.create("base.qcow2", SIZE)
+    qio.model.node("base", SIZE)
+    vm = qio.vm(machine_type="none", args=blockdev(qcow2_node(qio.path("base.qcow2"), "base")))
+    vm.launch()
+    qio.log.heading("writes, then bitmap b0 on base and a full backup in one transaction")
+    writes(qio, vm, W0, 0x11, node="base")
+    full = full_backup(qio, vm, ("b0",), device="base", source="base.qcow2")
+    qio.log.heading("writes into base, tracked by b0")
+    writes(qio, vm, W1, 0x22, node="base")
+
+    active = "base"
+    for overlay, bitmap, regions, pattern in (("mid", "b1", W2, 0x33), ("top", "b2", W3, 0x44)):
+        qio.log.heading(f"snapshot {active} -> {overlay} with bitmap {bitmap} on {overlay}, "
+                        "one transaction; writes land in it")
+        qio.img.create(f"{overlay}.qcow2", SIZE, backing=f"{active}.qcow2")
+        vm.qmp_log("blockdev-add", **qcow2_node(qio.path(f"{overlay}.qcow2"), overlay,
+                                                backing=None))
+        assert "return" in vm.qmp_log("transaction", actions=[
+            bitmap_add(bitmap, overlay),
+            action("blockdev-snapshot", node=active, overlay=overlay),
+        ])
+        qio.model.node(overlay, SIZE)
+        qio.model.add_bitmap(overlay, bitmap, granularity=GRAN)
+        writes(qio, vm, regions, pattern, node=overlay)
+        active = overlay
+    for node in ("base", "mid", "top"):
+        qio.show_bitmaps(vm, node)
+        check_sync_bitmap(qio, vm, node, sorted(qio.model.nodes[node].bitmaps),
+                          "before backup 1")
+
+    qio.log.heading("backup 1 of top since the full backup: b0, b1, b2 merged into top/merged")
+    ref = reference(qio, vm, "top", "top.qcow2", 1)
+    add_target(qio, vm, "inc1.qcow2", backing=full.top)
+    sources = [{"node": "base", "name": "b0"}, {"node": "mid", "name": "b1"}, "b2"]
+    assert "return" in vm.qmp_log("transaction", actions=[
+        bitmap_add("merged", "top", disabled=True),
+        action("block-dirty-bitmap-merge", node="top", target="merged", bitmaps=sources),
+        action("blockdev-backup", **backup_args("backup1", "inc1", device="top",
+                                                sync="bitmap", bitmap="merged",
+                                                **{"bitmap-mode": "on-success"})),
+    ])
+    qio.model.add_bitmap("top", "merged", granularity=GRAN, recording=False)
+    qio.model.merge("top", "merged", [("base", "b0"), ("mid", "b1"), ("top", "b2")])
+    job = qio.model.backup_begin("top", "merged")
+    assert finish(vm, "backup1") is None
+    qio.model.backup_end(job, "on-success", True)
+    del_target(vm, "inc1.qcow2")
+    check_sync_bitmap(qio, vm, "top", ["b2", "merged"], "after backup 1")
+    verify_restore(qio, full.then("inc1.qcow2"), ref, "backup-1")
+    vm.shutdown()

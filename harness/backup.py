@@ -1,0 +1,278 @@
+"""The data side of backups: point-in-time references, backup chains, restores.
+
+Bitmap counts can look right while a backup is useless; the only proof is a restore. A
+case captures the source's content at the moment a backup starts (a *reference*), keeps
+its backups as a chain of qcow2 images (a full backup, then incrementals whose backing
+file is the previous backup, so an incremental allocates only the clusters the job
+copied), flattens the chain the way a restore would, and compares the result with the
+reference. One transcript line per check; a mismatch raises :class:`RestoreMismatch`
+naming the chain and the first differing offsets.
+
+The reference is ``qemu-img convert -U`` of the source image right after a ``flush`` of
+the source node, with no guest write in between. That is exact (the flush puts the
+qcow2 metadata on disk, and nothing changes the image until the job starts) and it is
+independent of the code under test: a ``blockdev-backup sync=full`` reference would use
+the same copy-before-write and block-copy code as the backups it is meant to judge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.bitmaps import live_bitmap, live_ranges
+from harness.errors import HarnessError, OracleFailure
+from harness.filters import TextFilter
+from harness.machine import Machine
+from harness.model import Extents, Verdict, format_ranges
+from harness.session import Case
+from harness.tools import QemuImg
+
+SECTOR = 512
+
+
+class RestoreMismatch(HarnessError, AssertionError):
+    """A restored backup chain differs from the source at the time of the backup."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The source's content at the start of backup ``n``, as a qcow2 image."""
+
+    n: int
+    image: str
+
+    @property
+    def label(self) -> str:
+        return f"the source at backup {self.n}"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Backup images, the full backup first; each later image's backing file is the one
+    before it. ``partial`` names images a failed job left (kept on purpose by the case)."""
+
+    images: tuple[str, ...]
+    partial: frozenset[str] = frozenset()
+
+    @property
+    def top(self) -> str:
+        return self.images[-1]
+
+    def then(self, image: str, partial: bool = False) -> Chain:
+        return Chain((*self.images, image),
+                     self.partial | {image} if partial else self.partial)
+
+    def describe(self) -> str:
+        """``full <- inc1 <- inc2`` (image names without ``.qcow2``; partial marked)."""
+        return " <- ".join(Path(i).stem + (" (partial)" if i in self.partial else "")
+                           for i in self.images)
+
+
+def reference(qio: Case, vm: Machine, node: str, image: str, n: int) -> Reference:
+    """Capture the source's content now: flush ``node``, then copy its image file.
+
+    Call it right before starting backup ``n``, with no write in between. ``-U`` reads
+    the image QEMU has open; the flush is what makes that read consistent (without it,
+    new clusters' L2 entries may still sit in QEMU's metadata cache).
+    """
+    vm.qemu_io(node, "flush")
+    name = f"ref-{n}.qcow2"
+    qio.img.run("convert", "-U", "-O", "qcow2", image, name)
+    qio.log.log(f"reference {n}: {Path(image).name} flushed and copied to {name}")
+    return Reference(n, name)
+
+
+def create_target(img: QemuImg, image: str, size: int, backing: str | None = None) -> Path:
+    """A backup target: a fresh qcow2, or an incremental over ``backing`` (the previous
+    backup), so that reading it through its chain gives the restored disk."""
+    return img.create(image, size, backing=backing)
+
+
+def target_node(path: str | Path, node: str,
+                inject: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``blockdev-add`` options for a target: qcow2 over the file, or over a ``blkdebug``
+    with ``inject`` rules. The backing file is not opened (``backing: null``): the job
+    writes whole clusters, and leaving the previous backup closed means it can be checked
+    or restored while this one is written."""
+    file: dict[str, Any] = {"driver": "file", "filename": str(path)}
+    if inject:
+        file = {"driver": "blkdebug", "image": file, "inject-error": list(inject)}
+    return {"driver": "qcow2", "node-name": node, "backing": None, "file": file}
+
+
+def host_offset(img: QemuImg, image: str | Path, guest_offset: int) -> int:
+    """Where in the image *file* the data of ``guest_offset`` lives (for a blkdebug rule
+    on the file node). The image may be open in QEMU: flush it first."""
+    for e in img.json("map", "-U", str(image)):
+        start, length = int(e["start"]), int(e["length"])
+        if start <= guest_offset < start + length:
+            if not e.get("data") or "offset" not in e or e.get("depth", 0) != 0:
+                break
+            return int(e["offset"]) + guest_offset - start
+    raise HarnessError(f"{Path(image).name}: guest offset {guest_offset:#x} has no data "
+                       "cluster in this layer (flush the node before mapping it)")
+
+
+def received(img: QemuImg, image: str | Path) -> Extents:
+    """The guest ranges a backup target holds in its own layer (data or zero clusters),
+    i.e. what a job wrote into it; reads elsewhere fall through to the backing chain."""
+    out = Extents()
+    for e in img.json("map", str(image)):
+        if e.get("depth", 0) == 0 and e.get("present", e.get("data", False)):
+            out.add(int(e["start"]), int(e["length"]))
+    return out
+
+
+# -- restore checks --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``qemu-img compare`` of a restored image with a reference."""
+
+    identical: bool
+    first_offset: int | None
+    differing: Extents
+
+
+_MISMATCH = re.compile(r"Content mismatch at offset (\d+)!")
+
+
+def compare(img: QemuImg, restored: str, ref: str) -> Comparison:
+    """Compare two images by content; on a mismatch also list every differing range
+    (sector resolution, from raw copies), since qemu-img names only the first."""
+    res = img.run("compare", restored, ref, check=False)
+    if res.status == 0:
+        return Comparison(True, None, Extents())
+    if res.status != 1:
+        raise HarnessError(f"qemu-img compare {restored} {ref} could not compare (exit "
+                           f"{res.status}): {(res.stderr or res.stdout).strip()}")
+    m = _MISMATCH.search(res.stdout + res.stderr)
+    first = int(m.group(1)) if m else None
+    return Comparison(False, first, _differing(img, restored, ref))
+
+
+def _differing(img: QemuImg, a: str, b: str) -> Extents:
+    raws = []
+    for name in (a, b):
+        raw = f"{Path(name).stem}.raw"
+        img.run("convert", "-O", "raw", name, raw)
+        raws.append((img.scratch / raw).read_bytes())
+    out = Extents()
+    for off in range(0, max(len(raws[0]), len(raws[1])), SECTOR):
+        if raws[0][off:off + SECTOR] != raws[1][off:off + SECTOR]:
+            out.add(off, SECTOR)
+    for name in (a, b):
+        (img.scratch / f"{Path(name).stem}.raw").unlink(missing_ok=True)
+    return out
+
+
+def restore(qio: Case, chain: Chain, label: str) -> str:
+    """Flatten the chain into ``restore-<label>.qcow2``, as restoring it would."""
+    out = f"restore-{label}.qcow2"
+    qio.img.run("convert", "-O", "qcow2", chain.top, out)
+    return out
+
+
+def verify_restore(qio: Case, chain: Chain, ref: Reference, label: str) -> None:
+    """Restore ``chain`` and require it to equal ``ref``; log one line either way."""
+    restored = restore(qio, chain, label)
+    cmp = compare(qio.img, restored, ref.image)
+    what = f"restore {label} ({chain.describe()})"
+    if cmp.identical:
+        qio.log.log(f"{what}: identical to {ref.label}")
+        return
+    first = f"{cmp.first_offset:#x}" if cmp.first_offset is not None else "?"
+    qio.log.log(f"{what}: DIFFERS from {ref.label}, first at offset {first}")
+    raise RestoreMismatch(
+        f"{what} differs from {ref.label} ({ref.image}): qemu-img compare says content "
+        f"mismatch at offset {first}; differing ranges {format_ranges(cmp.differing)} "
+        f"({cmp.differing.total()} bytes); chain {' <- '.join(chain.images)}")
+
+
+def expect_incomplete(qio: Case, chain: Chain, ref: Reference, label: str) -> None:
+    """A backup whose job did not finish must not restore to the reference: log that it
+    differs (without offsets, which depend on how far the job got) or raise."""
+    restored = restore(qio, chain, label)
+    cmp = compare(qio.img, restored, ref.image)
+    what = f"restore {label} ({chain.describe()})"
+    if cmp.identical:
+        raise RestoreMismatch(f"{what} is identical to {ref.label} although its job did "
+                              "not finish: the test cannot tell a partial backup from a "
+                              "complete one (choose writes the full backup lacks)")
+    qio.log.log(f"{what}: differs from {ref.label}, as an unfinished backup must")
+
+
+# -- the sync bitmap after a job ---------------------------------------------------------
+
+
+def check_sync_bitmap(qio: Case, vm: Machine, node: str, names: Iterable[str],
+                      where: str, ranges_vary: str | None = None) -> list[Verdict]:
+    """The bitmaps against the model, exactly: after a backup the model knows every bit.
+
+    Missing ranges fail as everywhere (an incremental built on the bitmap would lose
+    data). Extra ranges fail too: here they mean the job did not clear what its
+    ``bitmap-mode`` says it clears. With ``ranges_vary`` (why the ranges are not the same
+    from run to run, e.g. they depend on the order of parallel copies) the transcript
+    gets that reason instead of the ranges; the check itself is the same.
+    """
+    names = list(names)
+    if ranges_vary is None:
+        verdicts = qio.check_live(vm, node, names, where=where)
+    else:
+        verdicts = []
+        for name in names:
+            b = live_bitmap(vm, node, name)
+            ranges = [] if b.inconsistent else live_ranges(vm, node, name, qio.img)
+            v = qio.model.verdict(node, name, ranges, b.inconsistent)
+            verdicts.append(v)
+            state = "complete" if v.ok else "INCOMPLETE"
+            qio.log.log(f"oracle ({where}): {node}/{name}: {state} ({ranges_vary})")
+        bad = [v.failure(where) for v in verdicts if not v.ok]
+        if bad:
+            raise OracleFailure("\n".join(bad))
+    extra = [v for v in verdicts if v.extra]
+    if extra:
+        raise OracleFailure("\n".join(
+            f"bitmap {v.bitmap!r} on {v.node!r} ({where}) has dirty ranges the model says "
+            f"the backup cleared: extra {format_ranges(v.extra)}; model requires "
+            f"{format_ranges(v.required)}, QEMU has {format_ranges(v.actual)}"
+            for v in extra))
+    return verdicts
+
+
+_FAILED_JOB_OFFSET = re.compile(
+    r'^(?P<head>.*\{"event": "BLOCK_JOB_COMPLETED", "data": \{.*"error": .*"offset": )\d+',
+    re.M)
+
+
+def failed_job_progress(text: str) -> str:
+    """The ``offset`` (progress) of a BLOCK_JOB_COMPLETED that carries an ``error``.
+
+    How far a failed job got depends on which of its parallel copies were done when the
+    failure was noticed; the error itself, ``len`` and the bitmap left behind are checked.
+    """
+    return _FAILED_JOB_OFFSET.sub(r"\g<head>" + '"PROGRESS"', text)
+
+
+def completed_job_size(job_id: str) -> TextFilter:
+    """A filter for the size of one job that finished everything it was given.
+
+    After a failure under ``bitmap-mode=always`` the next backup's size is whatever the
+    failed one left behind, which depends on copy order like the failure itself. Only
+    ``len`` and ``offset`` of that job's BLOCK_JOB_COMPLETED are replaced, and only when
+    they are equal, so a job that stopped short would still show both numbers.
+    """
+    pattern = re.compile(
+        r'(\{"event": "BLOCK_JOB_COMPLETED", "data": \{"device": '
+        + re.escape(f'"{job_id}"')
+        + r', "len": )(\d+)(, "offset": )\2\b')
+
+    def replace_completed_job_size(text: str) -> str:
+        return pattern.sub(r'\1"SIZE"\3"SIZE"', text)
+
+    return replace_completed_job_size
