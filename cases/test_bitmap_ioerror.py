@@ -90,6 +90,15 @@ def try_writes(qio: Case, vm: Machine) -> None:
     qio.check_live(vm, NODE, where="after the failed step")
 
 
+def written_then_armed(qio: Case, fault: str) -> Machine:
+    """A read-write VM whose bitmap saw BEFORE, with the fault armed under the node."""
+    vm = setup(qio)
+    for off, length in BEFORE:
+        qio.write(vm, NODE, off, length)
+    insert_fault(qio, vm, fault, read_only=False)
+    return vm
+
+
 def verify_after(qio: Case, where: str) -> None:
     """The invariant on disk and after a clean restart without the fault."""
     (b,) = qio.show_image_bitmaps("disk.qcow2")
@@ -104,10 +113,7 @@ def verify_after(qio: Case, where: str) -> None:
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_store_at_shutdown(qio: Case, fault: str) -> None:
-    vm = setup(qio)
-    for off, length in BEFORE:
-        qio.write(vm, NODE, off, length)
-    insert_fault(qio, vm, fault, read_only=False)
+    vm = written_then_armed(qio, fault)
     qio.log.heading("quit: QEMU stores the bitmap through the failing file")
     mark = log_size(vm)
     status = vm.shutdown(check=False)
@@ -118,10 +124,7 @@ def test_store_at_shutdown(qio: Case, fault: str) -> None:
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_store_at_read_only_reopen(qio: Case, fault: str) -> None:
-    vm = setup(qio)
-    for off, length in BEFORE:
-        qio.write(vm, NODE, off, length)
-    insert_fault(qio, vm, fault, read_only=False)
+    vm = written_then_armed(qio, fault)
     qio.log.heading("reopen read-only: the store fails")
     mark = log_size(vm)
     reply = vm.qmp_log("blockdev-reopen", options=[qcow2_over("dbg", read_only=True)])
