@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError as LibQMPError
 
 from harness.errors import (
@@ -322,12 +322,12 @@ class Machine:
         self.state = "stopped"
 
     def _close_channels(self) -> None:
-        if self._client is not None and self._loop is not None:
+        if (self._client is not None and self._loop is not None
+                and self._client.runstate != Runstate.IDLE):
             with contextlib.suppress(Exception):
                 self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 5))
         if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            # no async generators run on this loop: closing it needs no extra round
             self._loop.close()
         self._client = None
         self._loop = None
