@@ -41,7 +41,6 @@ from harness.backup import (
     target_node,
     verify_restore,
 )
-from harness.binaries import Probe
 from harness.machine import Machine, blockdev, qcow2_node
 from harness.session import Case
 
@@ -427,31 +426,12 @@ def test_checkpoints(qio: Case) -> None:
 # -- bitmaps across an external snapshot chain -------------------------------------------
 
 
-def merge_takes_node_sources(probe: Probe) -> bool:
-    """Whether ``block-dirty-bitmap-merge`` accepts ``{"node", "name"}`` sources (an
-    alternate of a name and a BlockDirtyBitmap object in the QMP schema)."""
-    by_name = {e.get("name"): e for e in probe.schema}
-    cmd = by_name.get("block-dirty-bitmap-merge", {})
-    args = by_name.get(cmd.get("arg-type"), {})
-    member: dict[str, Any] = next(
-        (m for m in args.get("members", []) if m.get("name") == "bitmaps"), {})
-    elem = by_name.get(by_name.get(member.get("type"), {}).get("element-type"), {})
-    if elem.get("meta-type") != "alternate":
-        return False
-    for m in elem.get("members", []):
-        t = by_name.get(m.get("type"), {})
-        if t.get("meta-type") == "object" and {"node", "name"} <= {
-                x.get("name") for x in t.get("members", [])}:
-            return True
-    return False
-
-
 def test_merge_across_snapshots(qio: Case) -> None:
     """b0 on base from the full backup on; each external snapshot adds the next bitmap on
     the new overlay in the same transaction, so no write falls between two bitmaps.
     "Everything since the full backup" is then base/b0 + mid/b1 + top/b2 merged into a
     bitmap on the active node, and a backup of the active node from it restores."""
-    if not merge_takes_node_sources(qio.probe):
+    if not qio.probe.takes_node_bitmaps("block-dirty-bitmap-merge", "bitmaps"):
         pytest.skip(f"QEMU {qio.probe.version}: block-dirty-bitmap-merge takes no "
                     "{node, name} sources")
     qio.img.create("base.qcow2", SIZE)

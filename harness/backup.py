@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.binaries import Probe
 from harness.bitmaps import live_bitmap, live_ranges
 from harness.errors import HarnessError, OracleFailure
 from harness.filters import TextFilter
@@ -276,3 +277,137 @@ def completed_job_size(job_id: str) -> TextFilter:
         return pattern.sub(r'\1"SIZE"\3"SIZE"', text)
 
     return replace_completed_job_size
+
+
+# -- pull mode: a point-in-time view exported over NBD ----------------------------------
+
+
+@dataclass(frozen=True)
+class NbdExport:
+    """An NBD export of a VM's own NBD server on a unix socket, as a backup client sees it."""
+
+    socket: Path
+    name: str
+
+    def image_opts(self, bitmap: str | None = None, prefix: str = "") -> str:
+        """``--image-opts`` for the nbd driver; with ``bitmap``, block status reports that
+        dirty bitmap (``x-dirty-bitmap``, dirty = ``"data": false``) instead of allocation.
+        ``prefix`` nests the options under a parent (``file.`` below a raw slice)."""
+        opts = [f"{prefix}driver=nbd", f"{prefix}server.type=unix",
+                f"{prefix}server.path={self.socket}", f"{prefix}export={self.name}"]
+        if bitmap is not None:
+            opts.append(f"{prefix}x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")
+        return ",".join(opts)
+
+
+def nbd_server_start(vm: Machine, socket: Path) -> None:
+    """``nbd-server-start`` on a unix socket (logged)."""
+    reply = vm.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
+    if "error" in reply:
+        raise HarnessError(f"vm {vm.name!r}: nbd-server-start failed: {reply['error']}")
+
+
+def export_bitmap_takes_node(probe: Probe) -> bool:
+    """Whether ``block-export-add`` names a bitmap as ``{"node", "name"}`` (QAPI
+    ``BlockDirtyBitmapOrStr``), needed when the bitmap's node is not reachable from the
+    exported node through filters and backing files (a ``snapshot-access`` node)."""
+    return probe.takes_node_bitmaps("block-export-add", "bitmaps")
+
+
+def nbd_export_add(vm: Machine, node: str, name: str, socket: Path,
+                   bitmap: str | dict[str, str] | None = None) -> NbdExport:
+    """Export ``node`` read-only as ``name``, with ``bitmap`` (a disabled bitmap, by name
+    or as ``{"node", "name"}``) as the meta context ``qemu:dirty-bitmap:NAME``.
+
+    ``block-export-add`` where QEMU has it, else ``nbd-server-add`` (which names a bitmap
+    only by name). Logged.
+    """
+    if vm.has_command("block-export-add"):
+        args: dict[str, Any] = {"type": "nbd", "id": name, "name": name, "node-name": node}
+        if bitmap is not None:
+            args["bitmaps"] = [bitmap]
+        reply = vm.qmp_log("block-export-add", **args)
+    else:
+        if isinstance(bitmap, dict):
+            raise HarnessError(f"vm {vm.name!r} has no block-export-add: nbd-server-add "
+                               "names a bitmap only by name")
+        extra = {} if bitmap is None else {"bitmap": bitmap}
+        reply = vm.qmp_log("nbd-server-add", device=node, name=name, **extra)
+    if "error" in reply:
+        raise HarnessError(f"vm {vm.name!r}: exporting {node!r} failed: {reply['error']}")
+    return NbdExport(socket, name)
+
+
+def nbd_export_del(vm: Machine, export: NbdExport) -> None:
+    """Remove the export (``block-export-del`` and its BLOCK_EXPORT_DELETED event, or
+    ``nbd-server-remove``), logged."""
+    if vm.has_command("block-export-del"):
+        vm.qmp_log("block-export-del", id=export.name)
+        ev = vm.event_wait("BLOCK_EXPORT_DELETED", timeout=10.0,
+                           match=lambda e: bool(e["data"].get("id") == export.name))
+        if vm.transcript is not None:
+            vm.transcript.event(ev, vm.log_prefix)
+    else:
+        vm.qmp_log("nbd-server-remove", name=export.name)
+
+
+def dirty_extents(img: QemuImg, export: NbdExport, bitmap: str) -> Extents:
+    """The dirty extents of an exported bitmap, read the way a backup client reads them:
+    ``qemu-img map`` over NBD with ``x-dirty-bitmap``, where ``"data": false`` means
+    dirty (the client reports the bitmap's bits in place of allocation)."""
+    out = Extents()
+    for e in img.json("map", "--image-opts", export.image_opts(bitmap)):
+        if not e["data"]:
+            out.add(int(e["start"]), int(e["length"]))
+    return out
+
+
+def copy_extents(qio: Case, export: NbdExport, extents: Extents, target: str) -> None:
+    """Copy exactly ``extents`` of the export into the qcow2 image ``target`` (whose
+    backing file is the previous backup), as a pull-mode backup client does.
+
+    Each extent is read over NBD by ``qemu-img convert`` of a raw slice of the export
+    (the raw driver's ``offset`` and ``size`` over the nbd driver) into a temporary raw
+    file, and written at its offset with ``qemu-io -c "write -s FILE OFF LEN"``, all
+    writes in one qemu-io run. Nothing outside the extents is read or written, and a
+    dirty extent that reads as zeroes is written as data, so it still hides the older
+    data of the backing file. ``qemu-img dd`` is not used: it counts ``count`` from the
+    start of the input, not from ``skip`` (``skip=4 count=1`` prints "cannot skip to
+    specified offset", writes an empty file and still exits 0; QEMU 7.2 and 10.0), and
+    it cannot write at an offset of an existing image. One line goes to the transcript.
+    """
+    commands = []
+    temps = []
+    for i, (off, length) in enumerate(extents):
+        raw = f"{Path(target).stem}-extent{i}.raw"
+        slice_opts = (f"driver=raw,offset={off},size={length},"
+                      + export.image_opts(prefix="file."))
+        qio.img.run("convert", "--image-opts", slice_opts, "-O", "raw", raw)
+        temps.append(qio.scratch / raw)
+        commands.append(f"write -s {raw} {off:#x} {length:#x}")
+    if commands:
+        qio.io.io(target, *commands)
+    for t in temps:
+        t.unlink(missing_ok=True)
+    qio.log.log(f"copied {len(extents)} extent(s), {extents.total():#x} bytes, from export "
+                f"{export.name!r} into {Path(target).name}")
+
+
+def copy_whole_export(qio: Case, export: NbdExport, target: str) -> None:
+    """A full backup over NBD: ``qemu-img convert`` of the whole export into ``target``."""
+    qio.img.run("convert", "--image-opts", export.image_opts(), "-O", "qcow2", target)
+    qio.log.log(f"copied the whole export {export.name!r} into {Path(target).name}")
+
+
+def compare_export(qio: Case, export: NbdExport, ref: Reference) -> Comparison:
+    """Compare what the export shows now with a reference image (whole disk, by content)."""
+    ref_opts = f"driver=qcow2,file.driver=file,file.filename={ref.image}"
+    res = qio.img.run("compare", "--image-opts", export.image_opts(), ref_opts, check=False)
+    if res.status == 0:
+        return Comparison(True, None, Extents())
+    if res.status != 1:
+        raise HarnessError(f"qemu-img compare of export {export.name!r} with {ref.image} "
+                           f"could not compare (exit {res.status}): "
+                           f"{(res.stderr or res.stdout).strip()}")
+    m = _MISMATCH.search(res.stdout + res.stderr)
+    return Comparison(False, int(m.group(1)) if m else None, Extents())

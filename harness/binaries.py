@@ -204,6 +204,38 @@ class Probe:
                 return self._member_names(by_name.get(m.get("type")), by_name)
         return frozenset()
 
+    def takes_node_bitmaps(self, command: str, member: str) -> bool:
+        """Whether ``command``'s list argument ``member`` takes bitmaps as ``{"node",
+        "name"}`` objects (an alternate with a ``BlockDirtyBitmap``-like branch), in the
+        arguments or in any variant of a union's arguments."""
+        by_name = {e.get("name"): e for e in self.schema}
+        todo = [by_name.get(by_name.get(command, {}).get("arg-type"), {})]
+        while todo:
+            t = todo.pop()
+            todo += [by_name.get(v.get("type"), {}) for v in t.get("variants", [])]
+            for m in t.get("members", []):
+                if m.get("name") != member:
+                    continue
+                elem = by_name.get(by_name.get(m.get("type"), {}).get("element-type"), {})
+                if elem.get("meta-type") != "alternate":
+                    continue
+                for alt in elem.get("members", []):
+                    obj = by_name.get(alt.get("type"), {})
+                    if {"node", "name"} <= {x.get("name") for x in obj.get("members", [])}:
+                        return True
+        return False
+
+    def blockdev_drivers(self) -> frozenset[str]:
+        """The ``driver`` values ``blockdev-add`` accepts (the ``BlockdevDriver`` enum)."""
+        by_name = {e.get("name"): e for e in self.schema}
+        args = by_name.get(by_name.get("blockdev-add", {}).get("arg-type"), {})
+        for m in args.get("members", []):
+            if m.get("name") == "driver":
+                enum = by_name.get(m.get("type"), {})
+                values = enum.get("values") or [v.get("name") for v in enum.get("members", [])]
+                return frozenset(str(v) for v in values)
+        return frozenset()
+
     @staticmethod
     def _member_names(
         entry: dict[str, Any] | None, by_name: dict[Any, dict[str, Any]]
