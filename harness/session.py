@@ -244,9 +244,7 @@ class Case:
         for m in self.machines:
             try:
                 m.shutdown(check=not failed)
-            except MachineError as e:
-                problems.append(str(e))
-            except HarnessError as e:  # pragma: no cover - defensive
+            except HarnessError as e:
                 problems.append(str(e))
         for s in self.nbd_servers:
             s.stop()
