@@ -29,7 +29,7 @@ from harness.bitmaps import (
     ranges_sha256,
     sha256,
 )
-from harness.errors import HarnessError, MachineError, OracleFailure
+from harness.errors import HarnessError, OracleFailure
 from harness.filters import path_filter
 from harness.machine import Machine, short_socket_dir
 from harness.model import Model, Verdict
