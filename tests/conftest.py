@@ -26,6 +26,17 @@ REPO = Path(__file__).resolve().parent.parent
 PIDS_FILE = "pids.txt"
 
 
+def unpacked_qemu() -> Path:
+    """The tree ``make qemu-versions`` unpacked (QEMU_VERSIONS_DIR, default ../qemu-versions
+    beside the repo, whose ``latest`` file names it); a path that does not exist if none."""
+    root = Path(os.environ.get("QEMU_VERSIONS_DIR",
+                               Path(__file__).resolve().parent.parent.parent / "qemu-versions"))
+    try:
+        return Path((root / "latest").read_text().strip())
+    except OSError:
+        return root / "none-unpacked"
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (not zombie) QEMU-ish process."""
     try:

@@ -24,11 +24,11 @@ from harness.binaries import (
 )
 from harness.errors import ConfigError
 from harness.session import Environment
-from tests.conftest import fake_program
+from tests.conftest import fake_program, unpacked_qemu
 
 REQUIRED = ("qemu-system-x86_64", "qemu-img", "qemu-io")
 ALL = (*REQUIRED, "qemu-nbd", "qemu-storage-daemon")
-QEMU_10 = Path("/work/qemu-versions/10.0.2")
+QEMU_10 = unpacked_qemu()
 
 
 def fake_set(d: Path, names: tuple[str, ...] = REQUIRED) -> Path:
