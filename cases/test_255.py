@@ -85,7 +85,10 @@ def snapshot(qio: Case, vm: Machine, method: str, base: str, overlay: str) -> No
 @pytest.mark.parametrize("method", ["blockdev-snapshot-sync", "blockdev-snapshot"])
 @pytest.mark.parametrize("persistent,restarts", [
     pytest.param(False, "no-restart", id="transient"),
-    *(pytest.param(True, r, id=f"persistent-{r}") for r in RESTARTS),
+    # the run that restarts everywhere is the seed scenario in full: part of check-quick
+    *(pytest.param(True, r, id=f"persistent-{r}",
+                   marks=[pytest.mark.quick] if r == "restart-everywhere" else [])
+      for r in RESTARTS),
 ])
 def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str) -> None:
     restart_at = RESTARTS[restarts]

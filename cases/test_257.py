@@ -266,6 +266,7 @@ def test_bitmap_sync(qio: Case, mode: str, outcome: str) -> None:
 # -- bitmap management in transactions ----------------------------------------------------
 
 
+@pytest.mark.quick
 def test_incremental_and_differential(qio: Case) -> None:
     """Two bitmaps from the full backup on: ``inc`` is cleared by each incremental,
     ``diff`` never; each differential copies ``diff`` into a temporary bitmap in the

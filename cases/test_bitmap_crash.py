@@ -97,6 +97,7 @@ def test_kill_after_add(qio: Case) -> None:
     assert qio.show_bitmaps(vm, NODE) == []
 
 
+@pytest.mark.quick
 def test_kill_after_writes_and_recover(qio: Case) -> None:
     stored_bitmap(qio)
     qio.log.heading("QEMU loads b0 read-write, writes, and is killed")
