@@ -7,13 +7,14 @@ PYTEST := $(VENV)/bin/pytest
 JOBS ?= 2
 QEMU_BUILD_DIR ?=
 QEMU_VERSIONS_DIR ?= $(abspath ..)/qemu-versions
+PLANTED_DIR ?= $(abspath ..)/qemu-planted
 PYTEST_ARGS ?=
 ifneq ($(QEMU_BUILD_DIR),)
 QEMU_OPTS := --qemu-build $(QEMU_BUILD_DIR)
 endif
 export QEMU_BUILD_DIR
 
-.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor clean
+.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor planted-bugs clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -49,6 +50,9 @@ qemu-versions:  ## unpack bookworm-backports' QEMU next to the repo (QEMU_VERSIO
 
 check-versions: setup qemu-versions  ## run the cases against the backports QEMU
 	$(PYTEST) cases -n $(JOBS) --qemu-build $$(cat $(QEMU_VERSIONS_DIR)/latest) $(PYTEST_ARGS)
+
+planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
+	scripts/planted-bugs.sh $(PLANTED_DIR)
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache
