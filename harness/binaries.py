@@ -144,7 +144,9 @@ def _find_one(
                 return Program(role.key, str(cand.resolve()), f"build dir {build}")
     found = shutil.which(role.name, path=env.get("PATH"))
     if found:
-        return Program(role.key, str(Path(found).resolve()), "PATH")
+        # with a build dir, say loudly that this program comes from another QEMU
+        source = "PATH: not in the build dir" if build is not None else "PATH"
+        return Program(role.key, str(Path(found).resolve()), source)
     return Program(role.key, None, "not in the build dir or PATH" if build else "not in PATH")
 
 

@@ -57,8 +57,12 @@ def doctor(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "doctor":
-        return doctor(args)
+    try:
+        if args.command == "doctor":
+            return doctor(args)
+    except BrokenPipeError:  # `qiotests doctor | head`
+        sys.stderr.close()
+        return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

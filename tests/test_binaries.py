@@ -274,3 +274,13 @@ def test_kvm_reason_keeps_qemus_own_words(tmp_path: Path) -> None:
     status = probe_kvm(str(fake), ("tcg", "kvm"), tmp_path)
     assert not status.usable
     assert "Could not access KVM kernel module: No such device" in status.reason
+
+
+def test_build_dir_fallback_to_path_is_visible(tmp_path: Path) -> None:
+    """A program missing from --qemu-build comes from PATH, and its source says so: mixing
+    two QEMU versions in one run must never be silent."""
+    build = fake_set(tmp_path / "build", REQUIRED)
+    path = fake_set(tmp_path / "path", ALL)
+    b = find_binaries({}, str(build), {"PATH": str(path)})
+    assert b.programs["system"].source == f"build dir {build}"
+    assert b.programs["nbd"].source == "PATH: not in the build dir"
