@@ -119,11 +119,8 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
 
     qio.log.heading("active commit of top into base, guest writes while it runs")
     vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "base-node": "base"})
-    vm.event_wait("BLOCK_JOB_READY", match=lambda e: e["data"]["device"] == "commit0")
-    qio.log.log('(event BLOCK_JOB_READY for commit0)')
-    writes(qio, vm, "top", DURING_COMMIT, 0x33)
-    vm.qmp_log("job-complete", id="commit0")
-    assert vm.run_job("commit0") is None
+    assert vm.run_job("commit0", complete=True,
+                      on_ready=lambda: writes(qio, vm, "top", DURING_COMMIT, 0x33)) is None
     qio.model.commit("top", "base")
     qio.check_live(vm, "base")
 

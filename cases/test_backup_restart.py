@@ -203,11 +203,8 @@ def test_backup_chain(qio: Case, ending: str) -> None:
     qio.log.heading("writes into top; active commit of top into base, writes while it runs")
     writes(qio, vm, "top", W4, 0x55)
     vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "base-node": "base"})
-    vm.event_wait("BLOCK_JOB_READY", match=lambda e: e["data"]["device"] == "commit0")
-    qio.log.log("(event BLOCK_JOB_READY for commit0)")
-    writes(qio, vm, "top", DURING_COMMIT, 0x66)
-    vm.qmp_log("job-complete", id="commit0")
-    assert vm.run_job("commit0") is None
+    assert vm.run_job("commit0", complete=True,
+                      on_ready=lambda: writes(qio, vm, "top", DURING_COMMIT, 0x66)) is None
     qio.model.commit("top", "base")
     vm.qmp_log("blockdev-del", **{"node-name": "top"})
     qio.show_bitmaps(vm, "base")

@@ -546,10 +546,12 @@ class Machine:
         auto_dismiss: bool = True,
         timeout: float = 120.0,
         log: bool = True,
+        on_ready: Callable[[], None] | None = None,
     ) -> str | None:
         """Drive a started job to its end; return its error message or None.
 
-        ``complete`` sends ``job-complete`` when the job is ready (mirror, active commit);
+        ``complete`` sends ``job-complete`` when the job is ready (mirror, active commit),
+        after ``on_ready`` has run (e.g. guest writes while the job mirrors them);
         ``cancel`` sends ``job-cancel`` instead. Pass the job's own ``auto-finalize`` and
         ``auto-dismiss`` settings (QEMU's defaults are true): a job that waits for them is
         finalized or dismissed here. With ``log`` the
@@ -583,6 +585,8 @@ class Machine:
                         and "error" in ev.get("data", {})):
                     error = str(ev["data"]["error"])
                 if ev["event"] == "BLOCK_JOB_READY":
+                    if on_ready is not None:
+                        on_ready()
                     if cancel:
                         self._job_cmd("job-cancel", job_id, log)
                     elif complete:
