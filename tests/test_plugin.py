@@ -1,7 +1,7 @@
 """The pytest wiring end to end: golden sections, --regen, -n 2, as a user runs them.
 
 Each test builds a throwaway project (tests/conftest.py: Project) holding copies of the
-real ``pyproject.toml``, ``conftest.py`` and ``cases/conftest.py``, a tiny case module and
+real ``pyproject.toml`` and (now logic-free) ``conftest.py`` files, a tiny case module and
 its ``expected/`` file, and runs pytest on it in a subprocess against the QEMU on PATH.
 """
 

@@ -1,0 +1,253 @@
+"""The qiotests pytest plugin: options, the ``qio`` fixture, golden files, reports.
+
+Registered as the ``pytest11`` entry point ``qiotests``, so ``pip install qiotests`` gives
+any repository (a QEMU tree, a downstream's own cases) the fixture, the options and the
+golden handling; this repository's ``conftest.py`` files hold no logic. Logic lives in the
+other ``harness`` modules; the hooks here only connect it to pytest's phases:
+
+* options (``--qemu*``, ``--accel``, ``--regen``...) and two ini settings:
+  ``qiotests_expected`` (the golden files' directory, default ``expected`` under the
+  rootdir) and ``qiotests_cases`` (directories holding cases; the QEMU under test is probed
+  at start only when a run includes one of them, so ``pytest tests`` never starts QEMU);
+* discovery once, in the controller, handed to xdist workers as JSON;
+* golden comparison right after each test body, ``--regen`` collected by the controller;
+* the end-of-session check that no QEMU is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from harness.binaries import ROLES
+from harness.errors import ConfigError, HarnessError
+from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
+from harness.processes import REGISTRY
+from harness.report import harness_failure_report
+from harness.session import Case, Environment
+
+ENV_KEY = pytest.StashKey[Environment]()
+CASE_KEY = pytest.StashKey[Case]()
+CALL_REPORT_KEY = pytest.StashKey[pytest.TestReport]()
+WORKER_ENV = "qiotests_env"
+REGEN_PROP = "qiotests-regen"
+LEFTOVER_OUT = "qiotests_leftovers"
+
+
+def expected_dir(config: pytest.Config) -> Path:
+    """Where the golden files live: ``qiotests_expected`` under the rootdir."""
+    return config.rootpath / str(config.getini("qiotests_expected"))
+
+
+def _runs_cases(config: pytest.Config) -> bool:
+    """Whether this run includes a case directory (``qiotests_cases``; unset: every run)."""
+    dirs = [config.rootpath / d for d in config.getini("qiotests_cases")]
+    if not dirs:
+        return True
+    for arg in config.args:
+        path = Path(arg.split("::", 1)[0])
+        path = (path if path.is_absolute() else config.invocation_params.dir / path).resolve()
+        if any(path.is_relative_to(d.resolve()) or d.resolve().is_relative_to(path)
+               for d in dirs):
+            return True
+    return False
+
+
+def _discover(config: pytest.Config) -> Environment:
+    explicit = {r.key: config.getoption(f"qio_{r.key}") for r in ROLES}
+    return Environment.discover(explicit, config.getoption("qio_build"),
+                                config.getoption("qio_accel"), os.environ)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help or config.option.version:
+        return  # --help and --version must work without a QEMU
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        if workerinput.get(WORKER_ENV):
+            config.stash[ENV_KEY] = Environment.from_json(workerinput[WORKER_ENV])
+        return
+    if _runs_cases(config):
+        try:
+            config.stash[ENV_KEY] = _discover(config)
+        except ConfigError as e:
+            raise pytest.UsageError(str(e)) from None
+    config.pluginmanager.register(_Controller(config), "qiotests-controller")
+
+
+class _Controller:
+    """Hooks that run only in the controlling process (the only one without xdist):
+    hands the environment to workers, gathers --regen sections and leftover reports, and
+    writes golden files once at the end."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.regen = RegenStore()
+        self.leftovers: list[str] = []
+        self.written: list[tuple[Path, list[str]]] = []
+        self.owned: dict[Path, set[str]] | None = None
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        env = self.config.stash.get(ENV_KEY, None)
+        node.workerinput[WORKER_ENV] = env.to_json() if env is not None else ""
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if session.items:
+            self._own([item.nodeid for item in session.items])
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        if self.owned is None:
+            self._own(ids)
+
+    def _own(self, nodeids: list[str]) -> None:
+        """Which golden sections the collected tests own; only for runs that select whole
+        modules (no -k, -m or ::), where a section nobody owns really is stale."""
+        opt = self.config.option
+        if opt.keyword or opt.markexpr or any("::" in a for a in self.config.args):
+            return
+        self.owned = {}
+        for nodeid in nodeids:
+            module = self.config.rootpath / nodeid.split("::", 1)[0]
+            golden = golden_path_for(module, expected_dir(self.config))
+            self.owned.setdefault(golden, set()).add(section_name(nodeid))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        self.leftovers += getattr(node, "workeroutput", {}).get(LEFTOVER_OUT, [])
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" or not report.passed:
+            return
+        for key, value in report.user_properties:
+            if key == REGEN_PROP:
+                path, name, text = cast(tuple[str, str, str], value)
+                self.regen.record(Path(path), name, text)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # trylast: pytest's own sessionfinish tears down the fixtures of a test that was
+        # interrupted (Ctrl-C) first, so its VM is stopped there, not reported here
+        self.leftovers += [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
+        if self.leftovers and session.exitstatus in (pytest.ExitCode.OK,
+                                                     pytest.ExitCode.TESTS_FAILED):
+            # a QEMU outliving its test is a harness bug: fail the run
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        self.written = self.regen.write_all()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        tr = terminalreporter
+        if self.leftovers:
+            tr.write_sep("=", "QEMU processes left running", red=True)
+            tr.write_line("started by the harness and still running at the end of the session "
+                          "(killed now): " + "; ".join(self.leftovers))
+        orphans = [(path, GoldenFile.load(path).orphans(names))
+                    for path, names in sorted((self.owned or {}).items())]
+        if any(names for _, names in orphans):
+            tr.write_sep("=", "golden sections no test owns (delete them)", yellow=True)
+            for path, names in orphans:
+                where = os.path.relpath(path, self.config.rootpath)
+                for name in names:
+                    tr.write_line(f"'=== {name} ===' in {where} belongs to no test")
+        if self.written:
+            tr.write_sep("=", "golden files (--regen)")
+            for path, changed in self.written:
+                what = ", ".join(changed) if changed else "no change"
+                tr.write_line(f"{os.path.relpath(path, self.config.rootpath)}: {what}")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return config.stash[ENV_KEY].header_lines() if ENV_KEY in config.stash else []
+
+
+@pytest.fixture
+def qio_env(request: pytest.FixtureRequest) -> Environment:
+    """The QEMU under test; probed here only for a case outside ``qiotests_cases``."""
+    config = request.config
+    if ENV_KEY not in config.stash:
+        config.stash[ENV_KEY] = _discover(config)
+    return config.stash[ENV_KEY]
+
+
+@pytest.fixture
+def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) -> Iterator[Case]:
+    """The test's case context: scratch dir, transcript, qemu-img/qemu-io, VMs.
+
+    The scratch dir (pytest's tmp_path) of a passing test is removed unless
+    --keep-scratch; a failing test's stays for the report's paths to point into.
+    """
+    case = Case(qio_env, tmp_path)
+    request.node.stash[CASE_KEY] = case
+    yield case
+    rep = request.node.stash.get(CALL_REPORT_KEY, None)
+    failed = rep is None or not rep.passed
+    problems = case.close(failed=failed)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+    if not failed and not request.config.getoption("qio_keep"):
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """After the body: a VM that died unasked fails the test, then the golden check."""
+    result = yield
+    case = item.stash.get(CASE_KEY, None)
+    if case is None:
+        return result
+    case.check_machines()
+    golden = golden_path_for(Path(str(item.path)), expected_dir(item.config))
+    name = section_name(item.nodeid)
+    text = case.log.text()
+    if item.config.getoption("qio_regen"):
+        item.user_properties.append((REGEN_PROP, (str(golden), name, text)))
+        return result
+    if text or name in GoldenFile.load(golden).sections:
+        compare(golden, name, text, case.scratch / f"{golden.stem}.out.actual",
+                label=os.path.relpath(golden, item.config.rootpath))
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.stash[CALL_REPORT_KEY] = rep
+    if rep.failed and call.excinfo is not None and call.excinfo.errisinstance(HarnessError):
+        rep.longrepr = harness_failure_report(call.excinfo, Path(str(item.path)))
+    return rep
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: kill and report (to the controller) what is still running."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[LEFTOVER_OUT] = [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qiotests", "QEMU under test")
+    for role in ROLES:
+        group.addoption(role.option, dest=f"qio_{role.key}", metavar="PATH",
+                        help=f"{role.name} to test (else ${role.env}, the build dir, PATH)")
+    group.addoption("--qemu-build", dest="qio_build", metavar="DIR",
+                    help="a QEMU build tree (or unpacked .deb tree) to take the programs from")
+    group.addoption("--accel", dest="qio_accel", default="auto",
+                    choices=("auto", "kvm", "tcg", "qtest"),
+                    help="accelerator for qemu-system (auto: KVM when usable, else TCG)")
+    group.addoption("--regen", dest="qio_regen", action="store_true",
+                    help="rewrite the golden sections of the tests that run")
+    group.addoption("--keep-scratch", dest="qio_keep", action="store_true",
+                    help="keep every test's scratch dir (default: only failed tests')")
+    parser.addini("qiotests_expected", default="expected",
+                  help="directory of the golden files, relative to the rootdir")
+    parser.addini("qiotests_cases", type="paths", default=[],
+                  help="directories holding qiotests cases: the QEMU under test is probed "
+                  "at start only when a run includes one (default: every run)")
