@@ -158,9 +158,9 @@ def live_ranges(vm: Machine, node: str, name: str, img: QemuImg) -> list[tuple[i
                     f"x-dirty-bitmap=qemu:dirty-bitmap:{VIEW_BITMAP}")
             extents = img.json("map", "--image-opts", opts)
         finally:
-            vm.qmp("nbd-server-stop")
+            vm.undo("nbd-server-stop")
     finally:
-        vm.qmp("block-dirty-bitmap-remove", node=node, name=VIEW_BITMAP)
+        vm.undo("block-dirty-bitmap-remove", node=node, name=VIEW_BITMAP)
     return [(int(e["start"]), int(e["length"])) for e in extents if not e["data"]]
 
 

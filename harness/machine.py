@@ -440,6 +440,25 @@ class Machine:
             self.transcript.qmp_reply(reply, self.log_prefix)
         return reply
 
+    def undo(self, cmd: str, **args: Any) -> None:
+        """A QMP command that undoes a step, for a ``finally``: it never hides the real cause.
+
+        On a VM that is no longer running it does nothing: what stopped it (a death with its
+        signal and log tail, a timeout) has been raised already and is the error to report.
+        A VM that died since raises that death (MachineExitError), not "is not running".
+        While another exception is on its way out, an error reply to the undo is only
+        logged, so that exception stays the one reported.
+        """
+        if self.state != "running":
+            self._debug(f"{cmd} skipped: the VM is {self.state}")
+            return
+        try:
+            self.qmp(cmd, **args)
+        except QMPError as e:
+            if e.__context__ is None:  # nothing else on its way out: this is the error
+                raise
+            self._debug(f"{cmd} failed while another error was raised: {e.desc}")
+
     def has_command(self, name: str) -> bool:
         """Whether this QEMU knows QMP command ``name`` (asked once per launch)."""
         if self._commands is None:

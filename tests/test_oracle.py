@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from harness.bitmaps import live_bitmaps, live_ranges, ranges_count, ranges_sha256, sha256
-from harness.errors import OracleFailure
+from harness.errors import MachineExitError, OracleFailure, QMPError
 from harness.machine import Machine, blockdev, qcow2_node
 from harness.session import Case, Environment
 
@@ -108,3 +109,41 @@ def test_views_must_agree(case: Case) -> None:
     wrong = dataclasses.replace(b, count=b.count - 0x10000)
     with pytest.raises(OracleFailure, match="views disagree: count 131072"):
         case._views_agree(vm, "drive0", wrong, ranges, "test")
+
+
+class _KillingImg:
+    """qemu-img that kills the VM (SIGKILL, unasked) just before it reads the NBD view,
+    as when QEMU crashes while the oracle reads a bitmap."""
+
+    def __init__(self, case: Case, vm: Machine) -> None:
+        self.case, self.vm = case, vm
+
+    def json(self, *args: str) -> object:
+        assert self.vm.pid is not None
+        os.kill(self.vm.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, self.vm.pid, os.WEXITED | os.WNOWAIT)
+        return self.case.img.json(*args)
+
+
+def test_death_during_live_ranges_is_reported_as_the_death(case: Case) -> None:
+    """The cleanups in live_ranges must not raise "is not running" over QEMU's death."""
+    vm = start(case)
+    with pytest.raises(MachineExitError) as info:
+        live_ranges(vm, "drive0", "b", _KillingImg(case, vm))  # type: ignore[arg-type]
+    assert "killed by SIGKILL" in str(info.value)
+    assert "died when the case did not ask it to" in str(info.value)
+    assert vm.state == "stopped"
+
+
+def test_undo_keeps_the_error_on_its_way_out(case: Case) -> None:
+    """An undo that QEMU refuses while another error propagates leaves that error."""
+    vm = start(case)
+    with pytest.raises(OracleFailure, match="the body"):
+        try:
+            raise OracleFailure("the body")
+        finally:
+            vm.undo("block-dirty-bitmap-remove", node="drive0", name="no-such")
+    with pytest.raises(QMPError, match="no-such"):
+        vm.undo("block-dirty-bitmap-remove", node="drive0", name="no-such")
+    vm.shutdown()
+    vm.undo("block-dirty-bitmap-remove", node="drive0", name="b")  # stopped: nothing to undo
