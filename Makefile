@@ -9,8 +9,13 @@ QEMU_BUILD_DIR ?=
 QEMU_VERSIONS_DIR ?= $(abspath ..)/qemu-versions
 PLANTED_DIR ?= $(abspath ..)/qemu-planted
 PYTEST_ARGS ?=
+# REPORTS=DIR: what CI uploads, DIR/junit.xml and DIR/artifacts/<failed test>/
+REPORTS ?=
 ifneq ($(QEMU_BUILD_DIR),)
 QEMU_OPTS := --qemu-build $(QEMU_BUILD_DIR)
+endif
+ifneq ($(REPORTS),)
+REPORT_OPTS := --junitxml=$(REPORTS)/junit.xml --artifacts=$(REPORTS)/artifacts
 endif
 export QEMU_BUILD_DIR
 
@@ -18,19 +23,19 @@ export QEMU_BUILD_DIR
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "  variables: QEMU_BUILD_DIR=DIR  JOBS=$(JOBS)  PYTEST_ARGS='...'"
+	@echo "  variables: QEMU_BUILD_DIR=DIR  JOBS=$(JOBS)  PYTEST_ARGS='...'  REPORTS=DIR"
 
 setup:  ## install QEMU (apt, when missing) and the .venv
 	@scripts/setup.sh
 
 check: setup  ## run every case against real QEMU (pytest -n JOBS)
-	$(PYTEST) cases -n $(JOBS) $(QEMU_OPTS) $(PYTEST_ARGS)
+	$(PYTEST) cases -n $(JOBS) $(QEMU_OPTS) $(REPORT_OPTS) $(PYTEST_ARGS)
 
 check-quick: setup  ## run the cases marked quick
-	$(PYTEST) cases -n $(JOBS) -m quick $(QEMU_OPTS) $(PYTEST_ARGS)
+	$(PYTEST) cases -n $(JOBS) -m quick $(QEMU_OPTS) $(REPORT_OPTS) $(PYTEST_ARGS)
 
 selftest: setup  ## run the harness's own tests
-	$(PYTEST) tests -n $(JOBS) $(PYTEST_ARGS)
+	$(PYTEST) tests -n $(JOBS) $(REPORT_OPTS) $(PYTEST_ARGS)
 
 bench: setup  ## harness overhead vs a bare QEMU, as a ratio
 	$(VENV)/bin/python bench/overhead.py $(QEMU_OPTS)

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.model import Verdict
 
 
 class HarnessError(Exception):
@@ -44,7 +47,16 @@ class Qcow2FormatError(HarnessError, ValueError):
 
 
 class OracleFailure(HarnessError, AssertionError):
-    """A bitmap QEMU calls consistent misses writes the model recorded (the reference bug)."""
+    """A bitmap QEMU calls consistent misses writes the model recorded (the reference bug).
+
+    ``verdicts`` are the comparisons of the check that failed (good ones included, for
+    context), kept as data so a report can draw them (``harness.svg``); empty when the
+    failure is not about ranges (a bitmap gone, QEMU's views disagreeing).
+    """
+
+    def __init__(self, message: str, verdicts: Sequence[Verdict] = ()) -> None:
+        super().__init__(message)
+        self.verdicts = list(verdicts)
 
 
 class GoldenError(HarnessError):

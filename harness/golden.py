@@ -166,6 +166,12 @@ class GoldenMismatch(GoldenError, AssertionError):
     """The transcript differs from the golden section; the message is the diff."""
 
 
+def diff_path_for(actual_file: Path) -> Path:
+    """Where the diff is saved beside the actual output: ``NAME.out.actual`` ->
+    ``NAME.out.diff`` (so ``--artifacts`` and a reviewer find it without the log)."""
+    return actual_file.with_suffix(".diff")
+
+
 def compare(golden: Path, name: str, actual: str, actual_file: Path,
             label: str | None = None) -> None:
     """Compare ``actual`` with section ``name`` of ``golden``; on mismatch save and raise.
@@ -175,12 +181,15 @@ def compare(golden: Path, name: str, actual: str, actual_file: Path,
     """
     expected = GoldenFile.load(golden).section(name)
     golden_label = label or str(golden)
+    diff_file = diff_path_for(actual_file)
     if expected == actual:
         with_suppressed_unlink(actual_file)
+        with_suppressed_unlink(diff_file)
         return
     actual_file.parent.mkdir(parents=True, exist_ok=True)
     actual_file.write_text(actual, encoding="utf-8")
     text = diff(expected, actual, f"{golden_label} ({header(name)})", str(actual_file))
+    diff_file.write_text(text, encoding="utf-8")
     raise GoldenMismatch(
         f"output differs from {golden_label}, section '{header(name)}':\n{text}"
         f"actual output saved in {actual_file}; if the new output is right, rerun with --regen"

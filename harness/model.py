@@ -137,7 +137,10 @@ class ModelNode:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The comparison of one bitmap with the model; ``ok`` is the rule that must hold."""
+    """The comparison of one bitmap with the model; ``ok`` is the rule that must hold.
+
+    ``size`` is the node's size in bytes (0: unknown), the scale a drawing of it needs.
+    """
 
     node: str
     bitmap: str
@@ -146,6 +149,7 @@ class Verdict:
     extra: Extents
     required: Extents
     actual: Extents
+    size: int = 0
 
     @property
     def ok(self) -> bool:
@@ -336,4 +340,4 @@ class Model:
         required = b.required(n.size)
         got = Extents(actual)
         return Verdict(node, name, inconsistent, required.minus(got), got.minus(required),
-                       required, got)
+                       required, got, n.size)

@@ -11,7 +11,10 @@ other ``harness`` modules; the hooks here only connect it to pytest's phases:
   at start only when a run includes one of them, so ``pytest tests`` never starts QEMU);
 * discovery once, in the controller, handed to xdist workers as JSON;
 * golden comparison right after each test body, ``--regen`` collected by the controller;
-* the end-of-session check that no QEMU is left running.
+* the end-of-session check that no QEMU is left running;
+* reports: ``--artifacts DIR`` (``harness.artifacts``), the oracle's SVG
+  (``harness.report``), annotations and a step summary under GitHub Actions
+  (``harness.ghactions``); ``--junitxml`` is pytest's own and merges ``-n`` workers.
 """
 
 from __future__ import annotations
@@ -24,16 +27,23 @@ from typing import Any, cast
 
 import pytest
 
+from harness import artifacts, ghactions
 from harness.binaries import ROLES
 from harness.errors import ConfigError, HarnessError
 from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
 from harness.processes import REGISTRY
-from harness.report import harness_failure_report
+from harness.report import (
+    draw_oracle_failure,
+    failure_line,
+    failure_reason,
+    harness_failure_report,
+)
 from harness.session import Case, Environment
 
 ENV_KEY = pytest.StashKey[Environment]()
 CASE_KEY = pytest.StashKey[Case]()
 CALL_REPORT_KEY = pytest.StashKey[pytest.TestReport]()
+PHASES_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 WORKER_ENV = "qiotests_env"
 REGEN_PROP = "qiotests-regen"
 LEFTOVER_OUT = "qiotests_leftovers"
@@ -91,6 +101,7 @@ class _Controller:
         self.leftovers: list[str] = []
         self.written: list[tuple[Path, list[str]]] = []
         self.owned: dict[Path, set[str]] | None = None
+        self.results = ghactions.Results()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
@@ -123,6 +134,7 @@ class _Controller:
         self.leftovers += getattr(node, "workeroutput", {}).get(LEFTOVER_OUT, [])
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.results.add(report)
         if report.when != "call" or not report.passed:
             return
         for key, value in report.user_properties:
@@ -143,6 +155,8 @@ class _Controller:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         tr = terminalreporter
+        if ghactions.enabled(os.environ):
+            self._github(tr)
         if self.leftovers:
             tr.write_sep("=", "QEMU processes left running", red=True)
             tr.write_line("started by the harness and still running at the end of the session "
@@ -160,6 +174,18 @@ class _Controller:
             for path, changed in self.written:
                 what = ", ".join(changed) if changed else "no change"
                 tr.write_line(f"{os.path.relpath(path, self.config.rootpath)}: {what}")
+
+    def _github(self, tr: Any) -> None:
+        """Annotations in the log, the table in the step summary (GITHUB_ACTIONS=true)."""
+        tr.ensure_newline()
+        for line in self.results.annotations(self.config.rootpath,
+                                             os.environ.get("GITHUB_WORKSPACE")):
+            tr.write_line(line)
+        path = os.environ.get("GITHUB_STEP_SUMMARY")
+        if path and self.results.tests:
+            env = self.config.stash.get(ENV_KEY, None)
+            notes = tuple(env.header_lines()[:2]) if env is not None else ()
+            ghactions.append_summary(path, self.results.markdown(notes=notes))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -216,12 +242,43 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Reports: the harness's short text, the case's line and reason for the CI reports
+    (carried to the xdist controller as report attributes), the oracle's drawing; after
+    teardown, a failed test's files for --artifacts."""
     rep = yield
     if rep.when == "call":
         item.stash[CALL_REPORT_KEY] = rep
-    if rep.failed and call.excinfo is not None and call.excinfo.errisinstance(HarnessError):
-        rep.longrepr = harness_failure_report(call.excinfo, Path(str(item.path)))
+    if rep.failed and call.excinfo is not None:
+        case_file = Path(str(item.path))
+        if call.excinfo.errisinstance(HarnessError):
+            rep.longrepr = harness_failure_report(call.excinfo, case_file)
+        case = item.stash.get(CASE_KEY, None)
+        drawing = draw_oracle_failure(call.excinfo, case.scratch if case else None,
+                                      item.nodeid)
+        if drawing is not None and isinstance(rep.longrepr, str):
+            rep.longrepr += f"\nthe disk as the oracle saw it: {drawing}"
+        vars(rep).update({
+            ghactions.WHERE_ATTR: (item.location[0],
+                                   failure_line(call.excinfo, case_file,
+                                                (item.location[1] or 0) + 1)),
+            ghactions.REASON_ATTR: failure_reason(call.excinfo),
+        })
+    item.stash.setdefault(PHASES_KEY, {})[rep.when] = rep
+    if rep.when == "teardown":
+        _collect_artifacts(item)
     return rep
+
+
+def _collect_artifacts(item: pytest.Item) -> None:
+    """--artifacts DIR: a failed test's transcript, diff, logs and report text."""
+    root = item.config.getoption("qio_artifacts")
+    phases = item.stash.get(PHASES_KEY, {})
+    failed = [(when, r.longreprtext) for when, r in phases.items() if r.failed]
+    if root is None or not failed:
+        return
+    case = item.stash.get(CASE_KEY, None)
+    artifacts.collect(item.config.invocation_params.dir / root, item.nodeid,
+                      case.scratch if case else None, failed)
 
 
 @pytest.hookimpl(trylast=True)
@@ -246,6 +303,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="rewrite the golden sections of the tests that run")
     group.addoption("--keep-scratch", dest="qio_keep", action="store_true",
                     help="keep every test's scratch dir (default: only failed tests')")
+    group.addoption("--artifacts", dest="qio_artifacts", metavar="DIR",
+                    help="for each failing test, copy its transcript, diff, QEMU and QMP "
+                    "logs and report text into DIR/<test id>/ (for CI uploads)")
     parser.addini("qiotests_expected", default="expected",
                   help="directory of the golden files, relative to the rootdir")
     parser.addini("qiotests_cases", type="paths", default=[],

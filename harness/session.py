@@ -218,7 +218,7 @@ class Case:
             self.log.log(f"oracle ({where}): {v.describe()}")
         bad = [v.failure(where) for v in verdicts if not v.ok]
         if bad:
-            raise OracleFailure("\n".join(bad))
+            raise OracleFailure("\n".join(bad), verdicts)
         return verdicts
 
     def require_commands(self, *commands: str) -> None:

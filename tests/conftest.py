@@ -146,8 +146,15 @@ def qemu_system() -> str:
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester, qemu_system: str) -> Project:
-    """A throwaway project; its runs discover the QEMU on PATH like a user's would."""
+def project(pytester: pytest.Pytester, qemu_system: str,
+            monkeypatch: pytest.MonkeyPatch) -> Project:
+    """A throwaway project; its runs discover the QEMU on PATH like a user's would.
+
+    Run inside a GitHub Actions job, the throwaway runs must not annotate the real job or
+    append to its step summary: the variables are removed unless a test sets them.
+    """
+    for name in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_WORKSPACE"):
+        monkeypatch.delenv(name, raising=False)
     return Project(pytester)
 
 
