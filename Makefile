@@ -40,9 +40,16 @@ selftest: setup  ## run the harness's own tests
 bench: setup  ## harness overhead vs a bare QEMU, as a ratio
 	$(VENV)/bin/python bench/overhead.py $(QEMU_OPTS)
 
-lint: setup  ## ruff and mypy --strict
+SHELL_SCRIPTS = $(shell find scripts -name '*.sh') .ci/run
+WORKFLOWS = $(wildcard .github/workflows/*.yml)
+
+lint:  ## ruff, mypy --strict, shellcheck, and the workflows (actionlint, JSON schema), offline
+	@scripts/setup.sh --no-qemu --lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/actionlint $(WORKFLOWS)
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows $(WORKFLOWS)
 
 regen: setup  ## rewrite golden sections of the cases that run (read the diff after!)
 	$(PYTEST) cases -n $(JOBS) --regen $(QEMU_OPTS) $(PYTEST_ARGS)

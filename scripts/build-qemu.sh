@@ -17,8 +17,9 @@ set -euo pipefail
 usage="usage: scripts/build-qemu.sh SRC_DIR BUILD_DIR"
 [ $# -eq 2 ] || { echo "$usage" >&2; exit 2; }
 src=$(realpath -e "$1" 2>/dev/null) || { echo "build-qemu: no source tree $1" >&2; exit 2; }
-[ -x "$src/configure" ] && [ -f "$src/meson.build" ] \
-    || { echo "build-qemu: $src is not a QEMU source tree (no configure/meson.build)" >&2; exit 2; }
+if [ ! -x "$src/configure" ] || [ ! -f "$src/meson.build" ]; then
+    echo "build-qemu: $src is not a QEMU source tree (no configure/meson.build)" >&2; exit 2
+fi
 build=$(realpath -m "$2")
 case "$build/" in "$src"/*) echo "build-qemu: BUILD_DIR must be outside the source tree" >&2; exit 2;; esac
 jobs=${JOBS:-$(nproc)}
@@ -95,9 +96,9 @@ configure_if_needed() {
 build_option_roms() {
     # Debian's dfsg tree has no ROM blobs but has the makefile Debian builds them with.
     [ -f "$src/debian/optionrom.mak" ] || return 0
-    local r missing=0
-    for r in "${roms[@]}"; do [ -f "$src/pc-bios/$r" ] || missing=1; done
-    [ $missing = 1 ] || return 0
+    local r absent=0
+    for r in "${roms[@]}"; do [ -f "$src/pc-bios/$r" ] || absent=1; done
+    [ $absent = 1 ] || return 0
     mkdir -p "$build/optionrom"
     make -s -f "$src/debian/optionrom.mak" -C "$build/optionrom" SRC_PATH="$src" all
 }

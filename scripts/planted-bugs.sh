@@ -38,6 +38,7 @@ t0=$(date +%s)
 # apt must know a deb-src for $suite: an entry in the sources and the downloaded index
 ensure_deb_src() {
     apt-get source --print-uris -q "qemu/$suite" >/dev/null 2>&1 && return 0
+    # shellcheck disable=SC2016  # $(URI) is apt's placeholder, not a shell expansion
     if ! apt-get indextargets --no-release-info --format '$(URI)' 'Created-By: Sources' 2>/dev/null \
             | grep -q "/dists/$suite/main/source/Sources"; then
         local parts
@@ -69,8 +70,9 @@ else
     (cd "$tmp" && apt-get source -q "qemu/$suite") > "$workdir/logs/apt-source.log" 2>&1 \
         || { tail -5 "$workdir/logs/apt-source.log" >&2; exit 1; }
     dirs=("$tmp"/*/)
-    [ ${#dirs[@]} = 1 ] && [ -x "${dirs[0]}configure" ] \
-        || { log "apt-get source did not unpack one QEMU tree in $tmp"; exit 1; }
+    if [ ${#dirs[@]} != 1 ] || [ ! -x "${dirs[0]}configure" ]; then
+        log "apt-get source did not unpack one QEMU tree in $tmp"; exit 1
+    fi
     name=$(basename "${dirs[0]}")
     rm -rf "${workdir:?}/$name"
     mv "$tmp"/* "$workdir"/ && rmdir "$tmp"

@@ -28,7 +28,9 @@ if [ -x "$tree/usr/bin/qemu-system-x86_64" ]; then
 else
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    (cd "$tmp" && apt-get download -q $(for p in $pkgs; do echo "$p=$version"; done) >/dev/null 2>&1) || {
+    wanted=()
+    for p in $pkgs; do wanted+=("$p=$version"); done
+    (cd "$tmp" && apt-get download -q "${wanted[@]}" >/dev/null 2>&1) || {
         echo "qemu-versions: apt-get download of $pkgs=$version failed" >&2; exit 1; }
     mkdir -p "$tree.partial"
     for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$tree.partial"; done

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Make this machine able to run qiotests: QEMU programs and a virtualenv with the Python
 # deps. Idempotent and quiet when everything is there; used by `make check`/`selftest`.
-#   scripts/setup.sh [--no-qemu]
+#   scripts/setup.sh [--no-qemu] [--lint]
+# --lint also installs shellcheck (apt), which `make lint` runs on the scripts and, through
+# actionlint, on the workflows' run: steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_qemu=1
-[ "${1:-}" = "--no-qemu" ] && need_qemu=0
+need_lint=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-qemu) need_qemu=0;;
+        --lint) need_lint=1;;
+        *) echo "usage: scripts/setup.sh [--no-qemu] [--lint]" >&2; exit 2;;
+    esac
+done
 
 sudo_cmd() {
     if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi
@@ -33,6 +42,10 @@ fi
 if [ $need_qemu = 1 ] && [ -z "${QEMU_IMG_PROG:-}" ] && [ -z "${QEMU_BUILD_DIR:-}" ] \
         && ! command -v qemu-img >/dev/null; then
     apt_install qemu-utils
+fi
+
+if [ $need_lint = 1 ] && ! command -v shellcheck >/dev/null; then
+    apt_install shellcheck
 fi
 
 # The virtualenv, rebuilt when pyproject.toml is newer than the stamp.
