@@ -11,6 +11,10 @@ PLANTED_DIR ?= $(abspath ..)/qemu-planted
 PYTEST_ARGS ?=
 # REPORTS=DIR: what CI uploads, DIR/junit.xml and DIR/artifacts/<failed test>/
 REPORTS ?=
+SRC ?=
+GOOD ?=
+BAD ?=
+BISECT_ARGS ?=
 ifneq ($(QEMU_BUILD_DIR),)
 QEMU_OPTS := --qemu-build $(QEMU_BUILD_DIR)
 endif
@@ -19,7 +23,7 @@ REPORT_OPTS := --junitxml=$(REPORTS)/junit.xml --artifacts=$(REPORTS)/artifacts
 endif
 export QEMU_BUILD_DIR
 
-.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor planted-bugs clean
+.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor planted-bugs bisect clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -65,6 +69,11 @@ check-versions: setup qemu-versions  ## run the cases against the backports QEMU
 
 planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
 	scripts/planted-bugs.sh $(PLANTED_DIR)
+
+bisect: setup  ## first bad QEMU commit: SRC=GIT_TREE GOOD=REV BAD=REV [BISECT_ARGS='--repeat 3']
+	@if [ -z "$(SRC)" ] || [ -z "$(GOOD)" ] || [ -z "$(BAD)" ]; then \
+	    echo "usage: make bisect SRC=QEMU_GIT_TREE GOOD=REV BAD=REV [BISECT_ARGS='--repeat N --build DIR'] [PYTEST_ARGS='-k 255']" >&2; exit 2; fi
+	$(VENV)/bin/qiotests bisect --src $(SRC) --good $(GOOD) --bad $(BAD) $(BISECT_ARGS) -- -n $(JOBS) $(PYTEST_ARGS)
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache
