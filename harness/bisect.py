@@ -304,10 +304,7 @@ class Step:
         return max(0.0, self.ended - self.started - self.build_s - self.tests_s)
 
     def failures(self) -> list[Failure]:
-        """The failures of the run that decided a bad verdict (else of the last run)."""
-        for run in self.runs:
-            if run.failures and self.verdict == "bad" and run.broken == "":
-                return run.failures
+        """The failures of the last run: the one that decided the verdict."""
         return self.runs[-1].failures if self.runs else []
 
     def to_json(self) -> dict[str, Any]:
@@ -578,9 +575,9 @@ def step_main(run_dir: Path) -> int:
         return ABORT
     steps = run_dir / "steps"
     n = 1 + sum(1 for p in steps.glob("[0-9]*") if p.is_dir())
-    commit = git(plan.src, "rev-parse", "HEAD")
     with sigterm_as_interrupt():
         try:
+            commit = git(plan.src, "rev-parse", "HEAD")
             step = test_commit(plan, str(n), steps / f"{n:02d}-{commit[:12]}")
         except KeyboardInterrupt:
             print("qiotests bisect step: interrupted", file=sys.stderr)
@@ -698,13 +695,17 @@ def bisect(src: str | Path, good: str, bad: str, *, pytest_args: Sequence[str] =
                 str(Path(project).resolve() if project else Path.cwd()),
                 list(pytest_args) or list(DEFAULT_PYTEST_ARGS), repeat, str(run_dir))
     plan.save()
-    result = Result("interrupted", "interrupted", str(srcp), good_sha, bad_sha, str(run_dir))
+    result = Result("harness-broken", "the bisect driver stopped on an unexpected error",
+                    str(srcp), good_sha, bad_sha, str(run_dir))
     with sigterm_as_interrupt():
         try:
             _drive(plan, good_sha, bad_sha, result, say)
         except KeyboardInterrupt:
             result.status = "interrupted"
             result.message = "interrupted (Ctrl-C or SIGTERM); the tree is back where it was"
+        except ConfigError as e:  # git refused something half-way (a lock, a checkout)
+            result.status = "harness-broken"
+            result.message = str(e)
         finally:
             result.wall_s = time.time() - t0
             _write_json(run_dir / "result.json", result.to_json())
