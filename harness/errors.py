@@ -72,6 +72,10 @@ def describe_status(status: int | None, running: bool = False) -> str:
             name = signal.Signals(-status).name
         except ValueError:
             name = f"signal {-status}"
+        if -status == signal.SIGXFSZ:
+            from harness.processes import limit_note
+
+            return f"killed by SIGXFSZ: it wrote past {limit_note()}"
         return f"killed by {name}"
     return f"exit status {status}"
 
@@ -115,7 +119,10 @@ class MachineError(HarnessError):
         self.status = status
         self.log_tail = log_tail
         self.reason = message
-        parts = [f"vm {vm!r}: {message}"]
+        first = f"vm {vm!r}: {message}"
+        if status == -signal.SIGXFSZ:
+            first += f" ({describe_status(status)})"
+        parts = [first]
         if self.argv:
             parts.append(f"  command: {format_argv(self.argv)}")
         if status is not None:

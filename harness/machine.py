@@ -44,7 +44,15 @@ from harness.errors import (
     MachineTimeout,
     QMPError,
 )
-from harness.processes import REGISTRY, wait_exit
+from harness.processes import (
+    REGISTRY,
+    exited,
+    file_size_limit_hit,
+    kill_group,
+    limit_note,
+    max_file_size,
+    wait_exit,
+)
 from harness.transcript import Transcript
 
 SOCKET_PATH_MAX = 107
@@ -129,6 +137,7 @@ class Machine:
         self._commands: frozenset[str] | None = None
         self._qmp_log: IO[str] | None = None
         self._expect_exit = False
+        self._fsize: int | None = None
         self.log_path = self.scratch / f"{name}.log"
         self.qmp_log_path = self.scratch / f"{name}.qmp.log"
         self.launches = 0
@@ -202,6 +211,7 @@ class Machine:
             env = dict(os.environ if self.env is None else self.env)
             env.update(LANG="C", LC_ALL="C", TZ="UTC")
             with open(self.log_path, "ab") as logf:
+                self._fsize = max_file_size()
                 self._proc = REGISTRY.spawn(
                     self.argv, f"{self.name} ({self.qemu})", stdout=logf,
                     stderr=subprocess.STDOUT, env=env,
@@ -230,11 +240,11 @@ class Machine:
         accept = asyncio.ensure_future(self._client.accept())
         try:
             while not accept.done():
-                if self._proc.poll() is not None:
+                if exited(self._proc):
                     accept.cancel()
                     raise LaunchError(
                         self.name, "exited while starting", self.argv,
-                        self._proc.returncode, tail(self.log_path),
+                        self._reap(kill=False), tail(self.log_path),
                     )
                 await asyncio.wait({accept}, timeout=0.01)
             accept.result()
@@ -249,7 +259,8 @@ class Machine:
         """
         if self.state != "running":
             return self.exit_status
-        unexpected = self._proc is not None and self._proc.poll() is not None
+        unexpected = self._proc is not None and exited(self._proc)
+        limit_hit = not unexpected and self._limit_hit()
         deadline = time.monotonic() + timeout
         if not unexpected:
             with contextlib.suppress(Exception):
@@ -263,6 +274,9 @@ class Machine:
             status = self._reap(kill=True)
             killed = True
         self._finish(status)
+        if check and limit_hit:
+            raise MachineError(self.name, self._limit_sentence(), self.argv, status,
+                               tail(self.log_path))
         if check and not self._expect_exit:
             if killed:
                 raise MachineTimeout(self.name, f"did not exit within {timeout:g} s of "
@@ -295,21 +309,32 @@ class Machine:
 
     def check_alive(self) -> None:
         """Raise MachineExitError if QEMU has ended without being asked to."""
-        if self.state == "running" and self._proc is not None and self._proc.poll() is not None:
-            status = self._proc.returncode
-            REGISTRY.forget(self._proc.pid)
+        if self.state == "running" and self._proc is not None and exited(self._proc):
+            status = self._reap(kill=False)
             self._finish(status)
             if self._expect_exit:
                 return  # the case sent quit itself
             raise MachineExitError(self.name, "died when the case did not ask it to",
                                    self.argv, status, tail(self.log_path))
 
+    def check_file_size(self) -> None:
+        """Raise if QEMU hit the file-size limit: it lives on, but its writes past the limit
+        failed with EFBIG (SIGXFSZ is blocked in its I/O threads), so the case is void."""
+        if self.state == "running" and self._limit_hit():
+            raise MachineError(self.name, self._limit_sentence(), self.argv, None,
+                               tail(self.log_path))
+
+    def _limit_hit(self) -> bool:
+        return self._proc is not None and file_size_limit_hit(self._proc.pid)
+
+    def _limit_sentence(self) -> str:
+        return f"a write reached {limit_note(self._fsize)}, so QEMU got EFBIG (SIGXFSZ)"
+
     def _reap(self, kill: bool, timeout: float = 5.0) -> int | None:
         if self._proc is None:
             return None
-        if kill and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+        if kill and not exited(self._proc):
+            kill_group(self._proc.pid)  # QEMU and whatever it started
         status = wait_exit(self._proc, timeout)
         if status is not None:
             REGISTRY.forget(self._proc.pid)
@@ -506,7 +531,8 @@ class Machine:
             failed = [ln for ln in reply.splitlines() if ln.strip()]
             failed += [ln for ln in out.splitlines() if "failed" in ln]
             if failed:
-                raise MachineError(self.name, f"qemu-io {node} {command!r}: {failed[0]}",
+                why = f"; {self._limit_sentence()}" if self._limit_hit() else ""
+                raise MachineError(self.name, f"qemu-io {node} {command!r}: {failed[0]}{why}",
                                    self.argv, None, tail(self.log_path))
         return out
 

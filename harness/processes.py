@@ -1,11 +1,21 @@
-"""Every long-lived QEMU process the harness starts, so that none outlives its test.
+"""Every program the harness starts, so that none outlives its test or fills the disk.
 
-Three layers make sure of it:
+Each program runs in its own process group (a new session), and the group is what gets
+killed: a QEMU that starts helpers of its own takes them with it. Three layers make sure
+nothing is left:
   * each child gets ``PR_SET_PDEATHSIG = SIGKILL``: if the pytest (or xdist worker) process
     dies for any reason, the kernel kills its QEMU children;
-  * each owner (a Machine, a qemu-nbd run) stops its process in ``finally``;
+  * each owner (a Machine, a qemu-nbd run, :func:`run`) stops its group in ``finally``;
   * this registry lets the session end check that nothing is still alive, and an ``atexit``
     hook kills whatever is left if Python exits with children still registered.
+
+Each child also gets a file-size limit (``RLIMIT_FSIZE``, :data:`DEFAULT_MAX_FILE_SIZE`
+unless ``--max-file-size`` says otherwise): a QEMU with a bug that writes without end is
+stopped by ``SIGXFSZ`` at the limit instead of filling the machine's disk.
+
+Both are set by small programs from util-linux that exec the real one (same pid), because a
+Python ``preexec_fn`` forces a slow fork of the whole interpreter: ``setpriv --pdeathsig``
+and ``prlimit --fsize``. Without them a ``preexec_fn`` does the same, slower.
 """
 
 from __future__ import annotations
@@ -13,25 +23,147 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import os
+import resource
 import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 SETPRIV = shutil.which("setpriv")
+PRLIMIT = shutil.which("prlimit")
+
+GiB = 1 << 30
+#: Largest file a program the harness starts may write (RLIMIT_FSIZE): far above what any
+#: case needs (images are sparse and small), far below a full disk.
+DEFAULT_MAX_FILE_SIZE = 4 * GiB
+_max_file_size: int | None = DEFAULT_MAX_FILE_SIZE
+
+#: Output of a :func:`run` kept in memory at most; the rest is cut (the file-size limit
+#: bounds what a program can write, not what we should read back).
+RUN_OUTPUT_MAX = 64 << 20
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def set_max_file_size(size: int | None) -> None:
+    """The RLIMIT_FSIZE for programs started from now on; None means no limit."""
+    global _max_file_size
+    if size is not None and size <= 0:
+        raise ValueError(f"a file-size limit must be positive, not {size}")
+    _max_file_size = size
+
+
+def max_file_size() -> int | None:
+    return _max_file_size
+
+
+def format_size(size: int) -> str:
+    """``4 GiB``, ``1.5 MiB``, ``512 bytes``: sizes as people write them."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            value = size / (1 << shift)
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def parse_size(text: str) -> int | None:
+    """``4G``, ``512M``, ``100k``, ``1048576``, ``unlimited``: bytes (None: no limit).
+
+    Raises ValueError with a sentence naming the value."""
+    t = text.strip().lower()
+    if t in ("unlimited", "none"):
+        return None
+    units = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+    number = t.rstrip("kmgtib")
+    suffix = t[len(number):].removesuffix("ib").removesuffix("b") or ""
+    if suffix not in units or not number:
+        raise ValueError(f"{text!r} is not a size (say 4G, 512M, 100k, a number of bytes "
+                         "or unlimited)")
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (say 4G, 512M, 100k, a number of bytes "
+                         "or unlimited)") from None
+    size = int(value * (1 << units[suffix]))
+    if size <= 0:
+        raise ValueError(f"{text!r}: a file-size limit must be more than 0 bytes")
+    return size
+
+
+def limit_note(limit: int | None = -1) -> str:
+    """A file-size limit (by default the current one) as a user can act on it:
+    ``the file-size limit of 4 GiB (--max-file-size)``."""
+    limit = _max_file_size if limit == -1 else limit
+    size = "no" if limit is None else format_size(limit)
+    return f"the file-size limit of {size} (--max-file-size)"
+
+
+def file_size_limit_hit(pid: int) -> bool:
+    """Whether a thread of ``pid`` has SIGXFSZ pending.
+
+    The kernel sends SIGXFSZ on every write past RLIMIT_FSIZE and fails the write with
+    EFBIG. QEMU blocks signals in its I/O threads, so QEMU does not die: the write fails and
+    the signal stays pending on that thread, which ``/proc`` shows (bit 24 of SigPnd).
+    """
+    bit = 1 << (signal.SIGXFSZ - 1)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        pass
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
+                return True
+    return False
+
+
+def _fsize_limit() -> int | None:
+    """The limit to give a child: ours, but never above the hard limit we have."""
+    if _max_file_size is None:
+        return None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return _max_file_size if hard == resource.RLIM_INFINITY else min(_max_file_size, hard)
+
+
+def _child_setup(fsize: int | None) -> Any:
+    def setup() -> None:  # runs in the child between fork and exec
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except OSError:
+            pass
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return setup
+
+
+def _check_executable(program: str, env: dict[str, str] | None) -> None:
+    """Raise the OSError exec would, here: behind setpriv and prlimit a missing program
+    would only show as their exit status 127."""
+    path = program if "/" in program else shutil.which(
+        program, path=(env if env is not None else os.environ).get("PATH"))
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+
+
+def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group ``pid`` leads (every child the harness starts leads one)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 class ProcessRegistry:
@@ -49,20 +181,32 @@ class ProcessRegistry:
         stderr: IO[Any] | int | None = None,
         env: dict[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        cwd: str | Path | None = None,
     ) -> subprocess.Popen[Any]:
-        """Start ``argv`` tied to this process's lifetime and remember it."""
-        # setpriv sets the death signal and execs the program (same pid); without it a
-        # Python preexec_fn does, which forces a slow fork of the whole interpreter
-        wrapper = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV else []
+        """Start ``argv`` in a new process group, tied to this process's lifetime, with the
+        file-size limit, and remember it."""
+        _check_executable(argv[0], env)
+        fsize = _fsize_limit()
+        if SETPRIV and (PRLIMIT or fsize is None):
+            # each execs the next (same pid); no preexec_fn, so no slow fork
+            wrapper = [SETPRIV, "--pdeathsig", "KILL", "--"]
+            if fsize is not None:
+                wrapper += [str(PRLIMIT), f"--fsize={fsize}:{fsize}", "--"]
+            preexec = None
+        else:
+            wrapper, preexec = [], _child_setup(fsize)
         proc = subprocess.Popen(
             [*wrapper, *argv],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
             env=env,
+            cwd=cwd,
             pass_fds=tuple(pass_fds),
-            preexec_fn=None if SETPRIV else _die_with_parent,
-            start_new_session=True,  # Ctrl-C in the terminal goes to pytest, not to QEMU
+            preexec_fn=preexec,
+            # its own session and group: Ctrl-C in the terminal goes to pytest, not to QEMU,
+            # and killing the group kills whatever QEMU started
+            start_new_session=True,
         )
         with self._lock:
             self._procs[proc.pid] = (proc, label)
@@ -84,9 +228,10 @@ class ProcessRegistry:
             items = list(self._procs.items())
         for pid, (proc, label) in items:
             if proc is not None:
-                if proc.poll() is None:
+                if not exited(proc):
                     out.append((pid, label))
                 else:
+                    wait_exit(proc, 0.0)  # kills what is left of its group, then reaps
                     self.forget(pid)
             elif _pid_alive(pid):
                 out.append((pid, label))
@@ -94,12 +239,21 @@ class ProcessRegistry:
                 self.forget(pid)
         return out
 
+    def kill(self, pid: int) -> None:
+        """SIGKILL a registered process: its whole group when the harness started it."""
+        with self._lock:
+            proc = self._procs.get(pid, (None, ""))[0]
+        if proc is not None:
+            kill_group(pid)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill_all(self) -> list[tuple[int, str]]:
         """SIGKILL everything still registered; returns what had to be killed."""
         left = self.alive()
         for pid, _label in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self.kill(pid)
         with self._lock:
             items = list(self._procs.values())
         for proc, _label in items:
@@ -111,26 +265,85 @@ class ProcessRegistry:
         return left
 
 
+def exited(proc: subprocess.Popen[Any]) -> bool:
+    """Whether ``proc`` has ended, without reaping it (``Popen.poll`` would), so that its
+    group can still be killed without any risk of hitting a reused id."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped by someone else
+        return proc.poll() is not None
+    return info is not None
+
+
 def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> int | None:
     """Wait for ``proc`` to exit; its status, or None after ``timeout``.
 
+    When it has exited, what is left of its process group (children it started) is
+    killed before it is reaped: until then its pid, and so the group id, cannot be reused.
     ``Popen.wait(timeout)`` polls with growing sleeps and notices an exit milliseconds
     late; a pidfd wakes up the moment the process ends.
     """
-    if proc.poll() is not None:
+    if proc.returncode is not None:
         return proc.returncode
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         try:
-            return proc.wait(timeout=timeout)
+            status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+        kill_group(proc.pid)  # no pidfd: reaped already, the group id is still ours
+        return status
     try:
         ready, _, _ = select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
-    return proc.wait() if ready else None
+    if not ready:
+        return None
+    kill_group(proc.pid)  # a zombie leader keeps the group id ours
+    return proc.wait()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a :func:`run` ended: status (None after a timeout), output, whether it hung."""
+
+    argv: list[str]
+    status: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+def run(argv: Sequence[str], timeout: float, *, label: str = "", cwd: str | Path | None = None,
+        env: dict[str, str] | None = None) -> Finished:
+    """Run a short program to its end, in its own group, never for longer than ``timeout``.
+
+    Output goes to anonymous temporary files rather than pipes: a child the program left
+    behind holding a pipe open cannot make this wait, and nothing is left on disk. After a
+    timeout, or anything else that interrupts the wait (Ctrl-C), the whole group is killed.
+    """
+    argv = list(argv)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = REGISTRY.spawn(argv, label or argv[0], stdout=out, stderr=err, env=env, cwd=cwd)
+        status: int | None = None
+        try:
+            status = wait_exit(proc, timeout)
+        finally:
+            if status is None:
+                kill_group(proc.pid)
+                wait_exit(proc, 5.0)
+            REGISTRY.forget(proc.pid)
+        return Finished(argv, status, _read(out), _read(err), status is None)
+
+
+def _read(f: IO[bytes]) -> str:
+    f.seek(0)
+    data = f.read(RUN_OUTPUT_MAX + 1)
+    text = data[:RUN_OUTPUT_MAX].decode(errors="replace")
+    return text + ("\n[output cut at 64 MiB]\n" if len(data) > RUN_OUTPUT_MAX else "")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -230,9 +230,11 @@ class Case:
             pytest.skip(f"QEMU {self.probe.version} lacks QMP command(s) {', '.join(missing)}")
 
     def check_machines(self) -> None:
-        """Raise if a VM of this test died without being asked to."""
+        """Raise if a VM of this test died without being asked to, or hit the file-size
+        limit (QEMU lives on after that, but writes past the limit failed)."""
         for m in self.machines:
             m.check_alive()
+            m.check_file_size()
 
     def close(self, failed: bool) -> list[str]:
         """Stop everything this test started; return problems found (not raised).

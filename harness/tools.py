@@ -9,6 +9,7 @@ with paths shown relative to the scratch directory so golden files stay readable
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from harness import processes
 from harness.errors import ToolError, format_argv
 from harness.processes import REGISTRY
 from harness.transcript import Transcript
@@ -59,32 +61,30 @@ class Tool:
         """Run the program with ``args`` (cwd = scratch); raise ToolError on failure."""
         argv = [self.path, *args]
         try:
-            cp = subprocess.run(argv, capture_output=True, text=True, cwd=self.scratch,
-                                env=tool_env(), timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as e:
-            self._debug(f"$ {format_argv(argv)}\n  timed out after {timeout:g} s")
-            raise ToolError(argv, None, _text(e.stdout), f"timed out after {timeout:g} s") from e
+            cp = processes.run(argv, timeout, label=self.name, cwd=self.scratch, env=tool_env())
         except OSError as e:
             raise ToolError(argv, None, "", f"cannot run it: {e.strerror}") from e
-        self._debug(f"$ {format_argv(argv)}\n  status {cp.returncode}\n"
+        if cp.timed_out:
+            self._debug(f"$ {format_argv(argv)}\n  timed out after {timeout:g} s")
+            raise ToolError(argv, None, cp.stdout, f"timed out after {timeout:g} s and was "
+                            "killed (with its process group)")
+        if "File too large" in cp.stderr + cp.stdout:  # EFBIG: a write past RLIMIT_FSIZE
+            cp = dataclasses.replace(cp, stderr=f"{cp.stderr.rstrip()}\n(a write reached "
+                                     f"{processes.limit_note()})\n")
+        self._debug(f"$ {format_argv(argv)}\n  status {cp.status}\n"
                     f"  stdout:\n{cp.stdout}  stderr:\n{cp.stderr}")
-        res = Result(argv, cp.returncode, cp.stdout, cp.stderr)
+        assert cp.status is not None
+        res = Result(argv, cp.status, cp.stdout, cp.stderr)
         if log and self.transcript is not None:
             self.transcript.log(f"$ {self.name} {' '.join(args)}")
             out = (cp.stdout + cp.stderr).rstrip("\n")
             if out:
                 self.transcript.log(out)
-            if cp.returncode != 0:
-                self.transcript.log(f"(exit status {cp.returncode})")
-        if check and cp.returncode != 0:
-            raise ToolError(argv, cp.returncode, cp.stdout, cp.stderr)
+            if cp.status != 0:
+                self.transcript.log(f"(exit status {cp.status})")
+        if check and cp.status != 0:
+            raise ToolError(argv, cp.status, cp.stdout, cp.stderr)
         return res
-
-
-def _text(data: str | bytes | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data
 
 
 class QemuImg(Tool):
@@ -203,8 +203,8 @@ class QemuNBD:
                                         stderr=subprocess.STDOUT, env=tool_env())
         deadline = time.monotonic() + timeout
         while not self.pid_file.exists():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                status = self._proc.poll()
+            if processes.exited(self._proc) or time.monotonic() > deadline:
+                status = processes.wait_exit(self._proc, 0.0)
                 self.stop()
                 raise ToolError(self.argv, status, "", self.log_path.read_text(errors="replace")
                                 or "qemu-nbd did not get ready")
@@ -213,13 +213,11 @@ class QemuNBD:
     def stop(self) -> None:
         if self._proc is None:
             return
-        if self._proc.poll() is None:
+        if not processes.exited(self._proc):
             self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if processes.wait_exit(self._proc, 10.0) is None:
+            processes.kill_group(self._proc.pid)
+            processes.wait_exit(self._proc, 10.0)
         REGISTRY.forget(self._proc.pid)
         self._proc = None
 

@@ -168,3 +168,30 @@ def no_leftovers() -> Iterator[None]:
         os.kill(pid, signal.SIGKILL)
         REGISTRY.forget(pid)
     assert not left, f"processes left running: {left}"
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (gone, or a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] in "ZX"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_pid_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pid_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+#: A program that starts a child of its own (recording its pid in $CHILD_PID_FILE) and then
+#: hangs on whatever it is asked, except --version (answered as the real program would).
+HANGING_WITH_CHILD = '''
+case "$*" in *--version*) exec {real} --version;; esac
+sleep 600 &
+echo $! > "{pidfile}"
+exec sleep 600
+'''

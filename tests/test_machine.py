@@ -6,7 +6,9 @@ command line and QEMU's own words, and must leave no process and no socket dir b
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from harness.errors import (
 from harness.machine import Machine, short_socket_dir
 from harness.processes import REGISTRY
 from harness.transcript import Transcript
-from tests.conftest import fake_program, process_alive
+from tests.conftest import fake_program, pid_gone, process_alive, wait_pid_gone
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -411,3 +413,86 @@ def test_qemu_that_never_connects_is_a_launch_error(tmp_path: Path,
     assert "fake qemu is thinking" in ei.value.log_tail
     assert m.state == "stopped"
     assert not m.socket_path.parent.exists()
+
+
+def test_a_qemu_that_starts_a_child_takes_it_along(tmp_path: Path, sockdir: Path,
+                                                  qemu_system: str) -> None:
+    """Issue 9 item 2: a child QEMU started outlived the run; its process group is killed,
+    whether QEMU quits, is killed on purpose or has to be killed at shutdown."""
+    for how in ("quit", "kill", "registry"):
+        pidfile = tmp_path / f"{how}.pid"
+        fake = fake_program(tmp_path / how / "qemu-system-x86_64",
+                            f'sleep 600 & echo $! > "{pidfile}"; exec {qemu_system} "$@"')
+        m = Machine("vm0", str(fake), scratch=tmp_path, machine_type="none", sockdir=sockdir)
+        m.launch()
+        child = int(pidfile.read_text())
+        assert not pid_gone(child)
+        if how == "quit":
+            assert m.shutdown() == 0
+        elif how == "kill":
+            m.kill()
+        else:
+            assert (m.pid, "vm0 (" + str(fake) + ")") in REGISTRY.kill_all()
+            m.shutdown(check=False)
+        assert wait_pid_gone(child), f"{how}: the child QEMU started is still running"
+
+
+def test_a_qemu_that_writes_past_the_file_size_limit_fails_saying_so(
+        tmp_path: Path, sockdir: Path, qemu_system: str) -> None:
+    """Issue 9 item 9: the harness gives every program RLIMIT_FSIZE. QEMU blocks SIGXFSZ in
+    its I/O threads, so a write past the limit fails with EFBIG and QEMU lives on: the
+    pending SIGXFSZ is what tells, and the error must say so."""
+    from harness import processes
+
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"")
+    os.truncate(disk, 8 << 20)
+    processes.set_max_file_size(1 << 20)
+    try:
+        m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none",
+                    sockdir=sockdir, args=["-blockdev", json.dumps(
+                        {"driver": "raw", "node-name": "d",
+                         "file": {"driver": "file", "filename": str(disk)}})])
+        m.launch()
+    finally:
+        processes.set_max_file_size(processes.DEFAULT_MAX_FILE_SIZE)
+    m.qemu_io("d", "write -P 0x11 0 0x10000")  # below the limit: fine
+    with pytest.raises(MachineError) as ei:
+        m.qemu_io("d", "write -P 0x11 0x200000 0x10000")
+    first = str(ei.value).splitlines()[0]
+    assert first == ("vm 'vm0': qemu-io d 'write -P 0x11 0x200000 0x10000': write failed: "
+                     "File too large; a write reached the file-size limit of 1 MiB "
+                     "(--max-file-size), so QEMU got EFBIG (SIGXFSZ)")
+    with pytest.raises(MachineError, match="reached the file-size limit of 1 MiB"):
+        m.check_file_size()
+    with pytest.raises(MachineError, match="reached the file-size limit of 1 MiB"):
+        m.shutdown()
+    assert m.state == "stopped"
+
+
+def test_a_program_killed_by_sigxfsz_says_why(tmp_path: Path) -> None:
+    """A program writing from its main thread is killed by SIGXFSZ; qemu-io gets EFBIG
+    (its I/O threads block the signal) and exits 0: both fail saying why."""
+    from harness import processes
+    from harness.errors import ToolError
+    from harness.tools import QemuIO, Tool
+
+    io = shutil.which("qemu-io")
+    if io is None:
+        pytest.skip("qemu-io is not on PATH")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"")
+    os.truncate(disk, 8 << 20)
+    processes.set_max_file_size(1 << 20)
+    try:
+        with pytest.raises(ToolError) as ei:
+            Tool("/bin/dd", tmp_path).run("if=/dev/zero", "of=big", "bs=64k", "count=32")
+        with pytest.raises(ToolError) as io_ei:
+            QemuIO(io, tmp_path).io(disk, "write 0x200000 0x10000", fmt="raw")
+    finally:
+        processes.set_max_file_size(processes.DEFAULT_MAX_FILE_SIZE)
+    assert str(ei.value).splitlines()[0] == (
+        "dd failed (killed by SIGXFSZ: it wrote past the file-size limit of 1 MiB "
+        "(--max-file-size)): (no output)")
+    assert "(a write reached the file-size limit of 1 MiB (--max-file-size))" in str(io_ei.value)
+    assert (tmp_path / "big").stat().st_size == 1 << 20
