@@ -11,7 +11,10 @@ fallback to ``PATH``: testing the wrong QEMU is worse than not testing.
 Probing asks the binaries themselves (``query-version``, ``query-commands``,
 ``query-qmp-schema``, ``-accel help``) instead of comparing version numbers, and runs a
 512-byte guest under KVM to find out whether KVM can really execute guest code (nested
-virtualisation can open ``/dev/kvm`` and still hang the first instruction).
+virtualisation can open ``/dev/kvm`` and still hang the first instruction). It first asks
+every program found for ``--version``: a ``--qemu-img`` naming qemu-io would otherwise be
+accepted and fail every test one by one. Every probe has a bound (:data:`PROBE_TIMEOUT`); a
+program that hangs is killed with its whole process group and named in one sentence.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
@@ -27,7 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, HarnessError
+from harness import processes
+from harness.errors import ConfigError, HarnessError, describe_status
+
+#: Seconds any one probe (``--version``, ``-accel help``, a QMP query) may take.
+PROBE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ def find_binaries(
     ``explicit`` maps role keys to option values (None when the option was not given).
     """
     build: Path | None = None
+    if build_dir is not None and not build_dir.strip():
+        raise ConfigError("--qemu-build is empty: give a QEMU build directory, or leave the "
+                          "option out")
     if build_dir:
         build = Path(build_dir).expanduser()
         if not build.is_dir():
@@ -126,6 +135,10 @@ def find_binaries(
 def _find_one(
     role: Role, option: str | None, build: Path | None, env: Mapping[str, str]
 ) -> Program:
+    if option is not None and not option.strip():
+        # an empty value must not quietly mean "look in PATH": that tests another QEMU
+        raise ConfigError(f"{role.option} is empty: give the path of {role.name}, or leave "
+                          "the option out")
     if option:
         p = Path(option).expanduser()
         if not _executable(p):
@@ -271,18 +284,57 @@ class Probe:
         )
 
 
+def _probe_run(argv: list[str], what: str) -> processes.Finished:
+    """One bounded probe run; a hang or a program that cannot run is one sentence."""
+    try:
+        res = processes.run(argv, PROBE_TIMEOUT, label=f"probe: {what}",
+                            env={**os.environ, "LANG": "C", "LC_ALL": "C"})
+    except OSError as e:
+        raise ConfigError(f"{argv[0]}: cannot run it ({e.strerror})") from e
+    if res.timed_out:
+        raise ConfigError(f"{what} did not finish within {PROBE_TIMEOUT:g} s; killed it and "
+                          "its process group (is it a working QEMU program?)")
+    return res
+
+
 def list_accelerators(qemu: str) -> tuple[str, ...]:
     """The accelerators compiled into ``qemu`` (``-accel help``)."""
-    try:
-        out = subprocess.run(
-            [qemu, "-accel", "help"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except OSError as e:
-        raise ConfigError(f"{qemu}: cannot run it ({e.strerror})") from e
-    if out.returncode != 0:
+    out = _probe_run([qemu, "-accel", "help"], f"{qemu} -accel help")
+    if out.status != 0:
         raise ConfigError(f"{qemu} -accel help failed: {out.stderr.strip() or out.stdout.strip()}")
     lines = [ln.strip() for ln in out.stdout.splitlines()]
     return tuple(ln for ln in lines if ln and not ln.lower().startswith("accelerators"))
+
+
+def _where(role: Role, prog: Program) -> str:
+    """How the user named a program: ``--qemu-img X``, ``QEMU_IMG_PROG=X``, ``X (PATH)``."""
+    if prog.source.endswith("option"):
+        return f"{role.option} {prog.path}"
+    if prog.source.endswith("variable"):
+        return f"{role.env}={prog.path}"
+    return f"{prog.path} ({prog.source})"
+
+
+def check_role(role: Role, prog: Program) -> None:
+    """Ask the program for ``--version`` and make sure it is the program its role needs.
+
+    QEMU's programs name themselves on the first line: ``qemu-img version 7.2.22``,
+    ``qemu-nbd 10.0.2`` (qemu-nbd 10 prints its whole path), ``QEMU emulator version ...``
+    for the system emulators (which one is checked with ``query-target`` when probing).
+    """
+    assert prog.path is not None
+    where = _where(role, prog)
+    res = _probe_run([prog.path, "--version"], f"{where} --version")
+    first = next((ln.strip() for ln in res.stdout.splitlines() if ln.strip()), "")
+    if role.key == "system":
+        ok = first.startswith("QEMU emulator version")
+    else:
+        ok = bool(first) and first.split()[0].rsplit("/", 1)[-1] == role.name
+    if ok and res.status == 0:
+        return
+    said = (f"it says {first!r}" if first
+            else f"'--version' printed nothing ({describe_status(res.status)})")
+    raise ConfigError(f"{where} is not {role.name}: {said}")
 
 
 def probe(binaries: Binaries, workdir: str | None = None) -> Probe:
@@ -290,17 +342,27 @@ def probe(binaries: Binaries, workdir: str | None = None) -> Probe:
     from harness.machine import Machine
 
     qemu = binaries.path("system")
+    for role in ROLES:
+        if binaries.has(role.key):
+            check_role(role, binaries.programs[role.key])
     accels = list_accelerators(qemu)
     with tempfile.TemporaryDirectory(prefix="qio-probe-", dir=workdir or "/tmp") as tmp:
         if not accels:
             raise ConfigError(f"{qemu} lists no accelerators with -accel help; is it QEMU?")
         vm = Machine("probe", qemu, accel="tcg" if "tcg" in accels else accels[0],
-                     scratch=Path(tmp), machine_type="none")
+                     scratch=Path(tmp), machine_type="none", qmp_timeout=PROBE_TIMEOUT)
         try:
             with vm:
+                arch = vm.qmp("query-target").get("arch")
+                if arch != "x86_64":
+                    where = _where(ROLE_BY_KEY["system"], binaries.programs["system"])
+                    raise ConfigError(f"{where} emulates {arch}, not x86_64: the harness "
+                                      "needs qemu-system-x86_64")
                 ver = vm.qmp("query-version")
                 commands = frozenset(c["name"] for c in vm.qmp("query-commands"))
                 schema = tuple(vm.qmp("query-qmp-schema")) if "query-qmp-schema" in commands else ()
+        except ConfigError:
+            raise
         except HarnessError as e:
             raise ConfigError(f"{qemu} does not start a VM: {e}") from e
         kvm = probe_kvm(qemu, accels, Path(tmp))
@@ -348,7 +410,7 @@ def _time_boot_sector(qemu: str, accel: str, tmp: Path) -> tuple[float | None, s
     disk.write_bytes(_boot_sector())
     out = tmp / f"debugcon-{accel}.out"
     vm = Machine(
-        f"{accel}-probe", qemu, accel=accel, scratch=tmp,
+        f"{accel}-probe", qemu, accel=accel, scratch=tmp, qmp_timeout=PROBE_TIMEOUT,
         args=["-drive", f"file={disk},format=raw,if=ide", "-debugcon", f"file:{out}"],
     )
     start = time.monotonic()

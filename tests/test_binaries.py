@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from harness import binaries
 from harness.binaries import (
     ROLES,
     KvmStatus,
     Probe,
+    Role,
     find_binaries,
     list_accelerators,
     probe,
@@ -24,7 +27,7 @@ from harness.binaries import (
 )
 from harness.errors import ConfigError
 from harness.session import Environment
-from tests.conftest import fake_program, unpacked_qemu
+from tests.conftest import HANGING_WITH_CHILD, fake_program, unpacked_qemu, wait_pid_gone
 
 REQUIRED = ("qemu-system-x86_64", "qemu-img", "qemu-io")
 ALL = (*REQUIRED, "qemu-nbd", "qemu-storage-daemon")
@@ -218,6 +221,7 @@ def test_probe_of_a_program_that_is_not_qemu(tmp_path: Path) -> None:
 
 def test_probe_of_a_qemu_that_cannot_start_a_vm(tmp_path: Path) -> None:
     script = """
+if [ "$1" = "--version" ]; then echo "QEMU emulator version 0.0.0 (fake)"; exit 0; fi
 if [ "$1" = "-accel" ]; then printf "Accelerators supported in QEMU binary:\\ntcg\\n"; exit 0; fi
 echo "fake-qemu: cannot initialise the machine" >&2
 exit 1
@@ -284,3 +288,51 @@ def test_build_dir_fallback_to_path_is_visible(tmp_path: Path) -> None:
     b = find_binaries({}, str(build), {"PATH": str(path)})
     assert b.programs["system"].source == f"build dir {build}"
     assert b.programs["nbd"].source == "PATH: not in the build dir"
+
+
+def test_a_probe_that_hangs_is_one_sentence_and_kills_its_group(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 1: ``-accel help`` hanging (with a child) used to wait 30 s and let
+    subprocess.TimeoutExpired escape, leaving the child running."""
+    pidfile = tmp_path / "child.pid"
+    real = shutil.which("qemu-system-x86_64") or "/bin/false"
+    fake = fake_program(tmp_path / "qemu-system-x86_64",
+                        HANGING_WITH_CHILD.format(real=real, pidfile=pidfile))
+    monkeypatch.setattr(binaries, "PROBE_TIMEOUT", 1.0, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as ei:
+        list_accelerators(str(fake))
+    assert time.monotonic() - start < 5
+    assert str(ei.value) == (f"{fake} -accel help did not finish within 1 s; killed it and its "
+                             "process group (is it a working QEMU program?)")
+    assert wait_pid_gone(int(pidfile.read_text()))
+
+
+def test_a_program_in_the_wrong_role_is_refused(tmp_path: Path) -> None:
+    """Issue 9 item 3: --qemu-img naming qemu-io was accepted; 54 tests then failed."""
+    io = shutil.which("qemu-io")
+    img = shutil.which("qemu-img")
+    if io is None or img is None or shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("QEMU is not on PATH")
+    b = find_binaries({"img": io}, None, os.environ)
+    with pytest.raises(ConfigError, match=r"^--qemu-img \S+qemu-io is not qemu-img: it says "
+                       r"'qemu-io version \d"):
+        probe(b)
+    b = find_binaries({"nbd": img}, None, os.environ)
+    with pytest.raises(ConfigError, match=r"^--qemu-nbd \S+qemu-img is not qemu-nbd"):
+        probe(b)
+    silent = fake_program(tmp_path / "qemu-io", "exit 3")
+    b = find_binaries({}, None, {**os.environ, "QEMU_IO_PROG": str(silent)})
+    with pytest.raises(ConfigError, match=r"^QEMU_IO_PROG=\S+ is not qemu-io: '--version' "
+                       r"printed nothing \(exit status 3\)$"):
+        probe(b)
+
+
+@pytest.mark.parametrize("role", ROLES, ids=lambda r: r.option)
+def test_an_empty_option_is_an_error(role: Role, layers: dict[str, Path]) -> None:
+    """Issue 9 item 3: ``--qemu=`` silently fell back to PATH."""
+    with pytest.raises(ConfigError, match=f"^{role.option} is empty: give the path of "
+                       f"{role.name}, or leave the option out$"):
+        find_binaries({role.key: ""}, None, {"PATH": str(layers["path"])})
+    with pytest.raises(ConfigError, match=r"^--qemu-build is empty"):
+        find_binaries({}, "", {"PATH": str(layers["path"])})
