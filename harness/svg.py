@@ -14,13 +14,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from harness.model import Range, Verdict, format_ranges
+from harness.model import Range, Verdict
 
 LEFT = 130  #: width of the label column (px)
 WIDTH = 720  #: width of the disk strip (px)
 ROW = 16  #: height of one row (px)
 MIN_W = 2.0  #: narrowest rectangle drawn, so a 512-byte range on a large disk still shows
 MAX_LABELS = 8  #: offset labels under the missing row; more are only in the tooltips
+LABEL_ROWS = 3  #: rows the offset labels may use to stay apart
+CHAR_W = 6.7  #: width of one character of the 11 px monospace labels (px)
+RIGHT_PAD = 60  #: room right of the strip, for the last label
 
 COLORS = {
     "required": "#4c78a8",
@@ -87,14 +90,35 @@ def _block(v: Verdict, top: float) -> tuple[list[str], float]:
     axis = y + 3 * (ROW + 4) + 10
     els.append(_text(LEFT, axis, "0x0", extra=' class="tick"'))
     els.append(_text(LEFT + WIDTH, axis, f"{size:#x}", "end", ' class="tick"'))
-    for off, n in list(v.missing)[:MAX_LABELS]:
-        els.append(_text(x_of(off, size), axis + 14, f"{off:#x}+{n:#x}",
-                         extra=f' class="offset" fill="{COLORS["missing"]}"'))
+    labels, rows_used = _offset_labels(v, size, axis + 14)
+    els.extend(labels)
+    bottom = axis + 14 * rows_used + 6
     if len(v.missing) > MAX_LABELS:
-        els.append(_text(LEFT, axis + 28, f"... {len(v.missing) - MAX_LABELS} more missing "
-                         f"ranges: {format_ranges(v.missing, limit=40)}"))
-        return els, axis + 34 - top
-    return els, axis + (20 if v.missing else 6) - top
+        els.append(_text(LEFT, bottom + 8, f"... and {len(v.missing) - MAX_LABELS} more "
+                         "missing ranges (in the tooltips and the report text)"))
+        bottom += 14
+    return els, bottom - top
+
+
+def _offset_labels(v: Verdict, size: int, y: float) -> tuple[list[str], int]:
+    """``offset+length`` under each missing range, on up to LABEL_ROWS staggered rows so
+    neighbours do not overlap, kept inside the image; returns the labels and rows used."""
+    row_end: list[float] = []
+    out = []
+    right = LEFT + WIDTH + RIGHT_PAD
+    for off, n in list(v.missing)[:MAX_LABELS]:
+        text = f"{off:#x}+{n:#x}"
+        width = CHAR_W * len(text)
+        x = max(4.0, min(x_of(off, size), right - width))
+        row = next((i for i, end in enumerate(row_end) if x > end + 8), len(row_end))
+        if row >= LABEL_ROWS:
+            continue  # still in the rectangle's tooltip and in the report text
+        if row == len(row_end):
+            row_end.append(0.0)
+        row_end[row] = x + width
+        out.append(_text(x, y + 14 * row, text,
+                         extra=f' class="offset" fill="{COLORS["missing"]}"'))
+    return out, len(row_end)
 
 
 def render(verdicts: Sequence[Verdict], title: str = "") -> str:
@@ -117,7 +141,7 @@ def render(verdicts: Sequence[Verdict], title: str = "") -> str:
         els, height = _block(v, y)
         body.extend(els)
         y += height + 10
-    width = LEFT + WIDTH + 60
+    width = LEFT + WIDTH + RIGHT_PAD
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y:.0f}" '
             f'viewBox="0 0 {width} {y:.0f}" font-family="monospace" font-size="11">\n'
             f"<title>{escape(title or 'oracle verdicts')}</title>\n"
