@@ -189,7 +189,7 @@ printf '## qiotests bisect: found\\n\\n- first bad commit: `c0ffee` block: break
     summary.write_text("### qiotests: 1 failed\n")
     cp = sh(CI / "nightly-bisect.sh", state, "https://q/qemu.git", "master", upstream, bad,
             work, check=False,
-            env={"QIOTESTS": str(fake), "GITHUB_ACTIONS": "true",
+            env={"QIOTESTS": str(fake), "GITHUB_ACTIONS": "true", "JOBS": "2",
                  "GITHUB_STEP_SUMMARY": str(summary), "QEMU_BUILD_DIR": str(tmp_path / "b")})
     return cp, summary.read_text(), args
 
@@ -202,7 +202,7 @@ def test_nightly_bisect_runs_from_the_last_good_commit_and_fills_the_summary(
     assert args.read_text().split() == [
         "bisect", "--src", str(upstream), "--good", good, "--bad", bad,
         "--workdir", str(tmp_path / "bisect"), "--build", str(tmp_path / "b"),
-        "GITHUB_ACTIONS=unset"]
+        "--", "-n", "2", "GITHUB_ACTIONS=unset"]
     # appended after the test table already there
     assert summary.startswith("### qiotests: 1 failed\n## qiotests bisect: found")
     assert "first bad commit: `c0ffee` block: break it" in summary

@@ -39,8 +39,8 @@ mkdir -p "$work"
 status=0
 # the bisect's own pytest runs must not annotate this job or add their tables to its summary
 env -u GITHUB_ACTIONS -u GITHUB_STEP_SUMMARY "$qiotests" bisect \
-    --src "$src" --good "$good" --bad "$bad" --workdir "$work" --build "${QEMU_BUILD_DIR:-$work/build}" \
-    || status=$?
+    --src "$src" --good "$good" --bad "$bad" --workdir "$work" \
+    --build "${QEMU_BUILD_DIR:-$work/build}" -- -n "${JOBS:-2}" || status=$?
 if [ -f "$work/last/summary.md" ]; then
     summary < "$work/last/summary.md"
 else
