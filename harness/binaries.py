@@ -312,6 +312,8 @@ def _where(role: Role, prog: Program) -> str:
         return f"{role.option} {prog.path}"
     if prog.source.endswith("variable"):
         return f"{role.env}={prog.path}"
+    if prog.source.startswith("build dir"):
+        return f"{prog.path} (from the build dir)"
     return f"{prog.path} ({prog.source})"
 
 
@@ -332,8 +334,13 @@ def check_role(role: Role, prog: Program) -> None:
         ok = bool(first) and first.split()[0].rsplit("/", 1)[-1] == role.name
     if ok and res.status == 0:
         return
-    said = (f"it says {first!r}" if first
-            else f"'--version' printed nothing ({describe_status(res.status)})")
+    err = next((ln.strip() for ln in reversed(res.stderr.splitlines()) if ln.strip()), "")
+    if first and res.status == 0:
+        said = f"it says {first!r}"
+    elif err:
+        said = f"'--version' failed ({describe_status(res.status)}): {err}"
+    else:
+        said = f"'--version' printed nothing ({describe_status(res.status)})"
     raise ConfigError(f"{where} is not {role.name}: {said}")
 
 
