@@ -8,6 +8,11 @@ JOBS ?= 2
 QEMU_BUILD_DIR ?=
 QEMU_VERSIONS_DIR ?= $(abspath ..)/qemu-versions
 PLANTED_DIR ?= $(abspath ..)/qemu-planted
+QEMU_MATRIX_DIR ?= $(abspath ..)/qemu-matrix
+QEMU_MATRIX_ONLY ?=
+BUILD ?=
+# builds share the machine: compile at low priority (NICE= to turn it off)
+NICE ?= nice -n 10
 PYTEST_ARGS ?=
 # REPORTS=DIR: what CI uploads, DIR/junit.xml and DIR/artifacts/<failed test>/
 REPORTS ?=
@@ -23,11 +28,13 @@ REPORT_OPTS := --junitxml=$(REPORTS)/junit.xml --artifacts=$(REPORTS)/artifacts
 endif
 export QEMU_BUILD_DIR
 
-.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor planted-bugs bisect clean
+.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor \
+	build-qemu qemu-matrix planted-bugs bisect clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "  variables: QEMU_BUILD_DIR=DIR  JOBS=$(JOBS)  PYTEST_ARGS='...'  REPORTS=DIR"
+	@echo "  variables: QEMU_BUILD_DIR=DIR  JOBS=$(JOBS)  PYTEST_ARGS='...'  REPORTS=DIR  SRC=DIR BUILD=DIR"
+	@echo "             QEMU_MATRIX_DIR=$(QEMU_MATRIX_DIR)  QEMU_MATRIX_ONLY='7.2 10.2'"
 
 setup:  ## install QEMU (apt, when missing) and the .venv
 	@scripts/setup.sh
@@ -66,6 +73,14 @@ qemu-versions:  ## unpack bookworm-backports' QEMU next to the repo (QEMU_VERSIO
 
 check-versions: setup qemu-versions  ## run the cases against the backports QEMU
 	$(PYTEST) cases -n $(JOBS) --qemu-build $$(cat $(QEMU_VERSIONS_DIR)/latest) $(PYTEST_ARGS)
+
+build-qemu: setup  ## build QEMU's programs for the harness from SRC=TREE [BUILD=DIR] (reused, ccache)
+	@test -n "$(SRC)" || { echo "make build-qemu: say which QEMU source tree: SRC=DIR [BUILD=DIR]" >&2; exit 2; }
+	$(NICE) $(VENV)/bin/qiotests build-qemu $(SRC) $(if $(BUILD),--build $(BUILD))
+
+qemu-matrix: setup  ## fetch Debian's QEMU 7.2/10.0/10.2 sources, build, run the suite on each
+	$(NICE) $(VENV)/bin/qiotests qemu-matrix --dir $(QEMU_MATRIX_DIR) --jobs $(JOBS) \
+		$(foreach v,$(QEMU_MATRIX_ONLY),--only $(v)) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
 	scripts/planted-bugs.sh $(PLANTED_DIR)

@@ -9,6 +9,12 @@ that broke the cases (``harness/bisect.py``); its exit status says how it ended:
 0 found, 1 ambiguous (only untestable commits left), 2 refused (bad input), 3 an end does
 not behave (GOOD fails, BAD passes, an end does not build), 4 the harness itself broke,
 130 interrupted.
+
+``qiotests build-qemu SRC [--build DIR] [--jobs N]`` builds the programs the harness runs
+from a QEMU source tree (:mod:`harness.build`). Exit 0: built, and ``--qemu-build DIR``
+works; 1: configure or the build failed, after printing the first compiler error as one
+block (``git bisect run`` callers map that to "skip"); 2: bad arguments or a build dir
+that is not ours.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from harness import bisect as bisect_mod
+from harness import build as qbuild
+from harness import matrix as qmatrix
 from harness.binaries import ROLES
 from harness.errors import ConfigError
 from harness.session import Environment
@@ -60,7 +70,111 @@ def _parser() -> argparse.ArgumentParser:
     bis.add_argument("--build-cmd", metavar="CMD",
                      help="build command, {src} and {build} filled in (default: qiotests "
                      "build-qemu {src} --build {build})")
+    b = sub.add_parser("build-qemu", help="build the programs the harness runs from a QEMU tree")
+    b.add_argument("src", metavar="SRC", type=Path, help="QEMU source tree (git or Debian)")
+    b.add_argument("--build", type=Path, metavar="DIR",
+                   help="build dir, reused when it was made for SRC (default: SRC-build)")
+    b.add_argument("--jobs", type=int, metavar="N", help="ninja -j (default: ninja's choice)")
+    b.add_argument("--no-install-deps", dest="install_deps", action="store_false",
+                   help="do not check for (or apt-get install) the build dependencies")
+    b.add_argument("--verbose", "-v", action="store_true",
+                   help="show every configure and ninja line, not only progress")
+    m = sub.add_parser("qemu-matrix", help="fetch, build and test Debian's QEMU sources",
+                       usage="qiotests qemu-matrix [options] [-- PYTEST_ARGS]")
+    m.add_argument("--dir", type=Path, metavar="DIR",
+                   help="the cache (default: $QEMU_MATRIX_DIR, else ../qemu-matrix)")
+    m.add_argument("--only", action="append", default=[], metavar="LABEL",
+                   help="only this row (repeatable); rows: "
+                   + ", ".join(label for _, label in qmatrix.SOURCES))
+    m.add_argument("--jobs", type=int, default=2, metavar="N", help="pytest -n (default 2)")
+    m.add_argument("--fetch-only", action="store_true",
+                   help="only fetch (or reuse) the sources into DIR/src")
     return p
+
+
+def qemu_matrix(args: argparse.Namespace, pytest_args: list[str]) -> int:
+    root = (args.dir or Path(os.environ.get("QEMU_MATRIX_DIR") or Path.cwd().parent
+                             / "qemu-matrix")).resolve()
+    if Path.cwd().resolve() in (root, *root.parents):
+        print(f"qemu-matrix: the cache {root} must be outside the repo", file=sys.stderr)
+        return 2
+    layout = qmatrix.Layout(root)
+    try:
+        selected = qmatrix.select(qmatrix.rows(), args.only)
+        outcomes = qmatrix.run_matrix(layout, selected, args.jobs, pytest_args,
+                                      Path.cwd(), lambda s: print(f"qemu-matrix: {s}",
+                                                                  flush=True),
+                                      fetch_only=args.fetch_only)
+        if args.fetch_only:
+            return 0
+    except ConfigError as e:
+        print(f"qemu-matrix: {e}", file=sys.stderr)
+        return 2
+    text = qmatrix.summary(outcomes)
+    (root / "summary.md").write_text(text)
+    print()
+    print(text, end="")
+    print(f"\n(also in {root / 'summary.md'}; pytest output in {root / 'results'})")
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+class _Progress:
+    """Shows configure and ninja output sparsely: phase lines and every tenth of the steps."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.shown = -1
+
+    def __call__(self, line: str) -> None:
+        if self.verbose:
+            print(line, flush=True)
+            return
+        if line.startswith("[") and "/" in line:
+            done, _, rest = line[1:].partition("/")
+            total = rest.partition("]")[0]
+            if done.isdigit() and total.isdigit() and int(total):
+                tenth = int(done) * 10 // int(total)
+                if tenth > self.shown:
+                    self.shown = tenth
+                    print(f"build-qemu: ninja [{done}/{total}]", flush=True)
+
+
+def build_qemu(args: argparse.Namespace) -> int:
+    src: Path = args.src
+    build: Path = args.build or src.resolve().with_name(src.resolve().name + "-build")
+    say = "build-qemu:"
+    t0 = time.monotonic()
+    try:
+        tree = qbuild.SourceTree.inspect(src)
+        print(f"{say} source {tree.path}: QEMU {tree.version}"
+              + (f", git describe {tree.git_describe}" if tree.git_describe else ""), flush=True)
+        result = qbuild.build_qemu(src, build, args.jobs, _Progress(args.verbose),
+                                    install_deps=args.install_deps)
+    except qbuild.BuildError as e:
+        print(f"{say} {e}", file=sys.stderr)
+        print(f"{say} first error:", file=sys.stderr)
+        for line in e.first_error.splitlines():
+            print(f"    {line}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(str(e) if str(e).startswith(say) else f"{say} {e}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"{say} {note}")
+    how = {qbuild.Reuse.REUSE: "reused (same tree, same flags): configure skipped",
+           qbuild.Reuse.FRESH: "configured afresh",
+           qbuild.Reuse.WIPE: "wiped (other tree or flags) and configured afresh"}
+    print(f"{say} build dir {result.build}: {how[result.decision]}")
+    cc = f"ccache {result.ccache}"
+    if result.ccache_hits is not None and any(result.ccache_hits):
+        hits, misses = result.ccache_hits
+        cc += f", {hits} hits / {misses} misses ({100 * hits // (hits + misses)}%)"
+    print(f"{say} {cc}")
+    print(f"{say} configure {result.configure_seconds:.0f} s, ninja {result.ninja_seconds:.0f} s "
+          f"({result.ninja_steps} steps), total {time.monotonic() - t0:.0f} s")
+    print(f"{say} built {result.version_line}")
+    print(f"{say} test it with: pytest cases --qemu-build {result.build}")
+    return 0
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -130,7 +244,7 @@ def report(result: bisect_mod.Result, max_lines: int = 40) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
-    if argv and argv[0] == "bisect" and "--" in argv:
+    if argv and argv[0] in ("bisect", "qemu-matrix") and "--" in argv:
         at = argv.index("--")
         argv, rest = argv[:at], argv[at + 1:]
     args = _parser().parse_args(argv)
@@ -139,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor(args)
         if args.command == "bisect":
             return bisect(args, rest)
+        if args.command == "build-qemu":
+            return build_qemu(args)
+        if args.command == "qemu-matrix":
+            return qemu_matrix(args, rest)
     except BrokenPipeError:  # `qiotests doctor | head`
         sys.stderr.close()
         return 0

@@ -416,7 +416,9 @@ def _say(msg: str) -> None:
 def _build(src: Path, build: Path, log: Path) -> float:
     t0 = time.monotonic()
     with log.open("w") as f:
-        rc = subprocess.run([str(REPO / "scripts/build-qemu.sh"), str(src), str(build)],
+        jobs = ["--jobs", os.environ["JOBS"]] if os.environ.get("JOBS") else []
+        rc = subprocess.run([sys.executable, "-m", "harness.cli", "build-qemu", str(src),
+                             "--build", str(build), *jobs], cwd=REPO,
                             stdout=f, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL).returncode
     if rc != 0:
