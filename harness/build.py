@@ -11,7 +11,8 @@ from what the tree itself says it needs, never from its version number:
 - firmware blobs: ``--disable-install-blobs`` when the tree has none, since meson checks
   at configure time that the files it would install exist;
 - edk2 blobs: ``pc-bios/meson.build`` lists ``*.fd.bz2`` inputs that meson checks at
-  configure time even though no target here uses them; missing ones get empty placeholders;
+  configure time when bzip2 is installed, though no target here uses them; only when
+  configure fails on one do the missing ones get empty placeholders (then it is retried);
 - option ROMs: built with the build tree's ``pc-bios/optionrom`` makefile, or with Debian's
   ``debian/optionrom.mak`` on trees whose configure does not set it up;
 - firmware: a build tree looks for BIOS and ROMs where ``qemu-system-x86_64 -L help`` says;
@@ -345,6 +346,9 @@ def meson_python(need: MesonNeed, cache: Path) -> Path:
     return python
 
 
+_EDK2_MISSING = re.compile(r"ERROR: File edk2-[\w.-]+\.fd\.bz2 does not exist")
+
+
 def edk2_placeholders(src: Path) -> list[Path]:
     """The ``*.fd.bz2`` inputs ``pc-bios/meson.build`` names that the tree lacks.
 
@@ -447,9 +451,6 @@ def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
         python = meson_python(src.meson, cache_dir())
         notes.append(f"meson {src.meson.installed} from PyPI (the tree wants >= "
                      f"{src.meson.accepted}): {python}")
-    for p in edk2_placeholders(src.path):
-        p.touch()
-        notes.append(f"empty placeholder {p} (pc-bios/meson.build checks it at configure time)")
     ccache = shutil.which("ccache")
     flags = configure_flags(src, python, "ccache" if ccache else None)
     wanted = stamp_text(src.path, src.tree_id(), src.version, flags)
@@ -465,8 +466,19 @@ def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
         build.mkdir(parents=True, exist_ok=True)
         # a stamp that matches nothing while configure runs: an interrupted one is redone
         (build / STAMP).write_text("configuring\n")
-        _run_logged([str(src.path / "configure"), *flags], build, build / CONFIGURE_LOG,
-                    progress, "configure")
+        configure = [str(src.path / "configure"), *flags]
+        try:
+            _run_logged(configure, build, build / CONFIGURE_LOG, progress, "configure")
+        except BuildError as e:
+            placeholders = edk2_placeholders(src.path) if _EDK2_MISSING.search(
+                e.first_error) else []
+            if not placeholders:
+                raise
+            for p in placeholders:
+                p.touch()
+            notes.append(f"{len(placeholders)} empty edk2 placeholders in {p.parent} "
+                         "(pc-bios/meson.build checks them at configure time; unused here)")
+            _run_logged(configure, build, build / CONFIGURE_LOG, progress, "configure")
         (build / STAMP).write_text(wanted)
     t1 = time.monotonic()
 
@@ -568,6 +580,8 @@ def link_firmware(build: Path) -> None:
                 if f.suffix in (".bin", ".rom") and f.is_file():
                     files.setdefault(f.name, f)
     for d in firmware_search_dirs(build):
+        if d.is_symlink():
+            continue  # a link to a system dir (made by the former script): never write there
         d.mkdir(parents=True, exist_ok=True)
         for name, target in files.items():
             link = d / name

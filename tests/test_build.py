@@ -8,6 +8,7 @@ script: one that prints a gcc error, one that writes the five programs as script
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -176,11 +177,16 @@ BAD_CC = ('echo "../qemu/block.c: In function \'f\':"\n'
           'echo "    7 |   x"\nexit 1\n')
 
 
+needs_ninja = pytest.mark.skipif(shutil.which("ninja") is None,
+                                 reason="ninja is not installed (apt-get install ninja-build)")
+
+
 def qiotests(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "harness.cli", "build-qemu", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@needs_ninja
 def test_build_qemu_builds_then_reuses(tmp_path: Path) -> None:
     src = fake_tree(tmp_path, CONFIGURE)
     (src / "cc").write_text(GOOD_CC)
@@ -200,6 +206,7 @@ def test_build_qemu_builds_then_reuses(tmp_path: Path) -> None:
     assert len((src / "configure.calls").read_text().splitlines()) == 1
 
 
+@needs_ninja
 def test_build_qemu_failure_prints_the_first_error_and_exits_1(tmp_path: Path) -> None:
     src = fake_tree(tmp_path, CONFIGURE)
     (src / "cc").write_text(BAD_CC)
@@ -249,3 +256,18 @@ def test_build_qemu_refuses_a_foreign_build_dir(tmp_path: Path) -> None:
     cp = qiotests(str(src), "--build", str(src / "b"), "--no-install-deps")
     assert cp.returncode == 2
     assert "must be outside the source tree" in cp.stderr
+
+
+@needs_ninja
+def test_edk2_placeholders_only_after_configure_asks_for_them(tmp_path: Path) -> None:
+    check = ('[ -f "$(dirname "$0")/pc-bios/edk2-a-code.fd.bz2" ] || { echo "../pc-bios/'
+             'meson.build:3:4: ERROR: File edk2-a-code.fd.bz2 does not exist."; exit 1; }\n')
+    src = fake_tree(tmp_path, check + CONFIGURE)
+    (src / "cc").write_text(GOOD_CC)
+    (src / "pc-bios").mkdir()
+    (src / "pc-bios" / "meson.build").write_text(
+        "if unpack_edk2_blobs\n  fds = [\n    'edk2-a-code.fd',\n  ]\nendif\n")
+    cp = qiotests(str(src), "--build", str(tmp_path / "build"), "--no-install-deps")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "1 empty edk2 placeholders in " in cp.stdout
+    assert (src / "pc-bios" / "edk2-a-code.fd.bz2").stat().st_size == 0
