@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import pytest
 
+from harness.actions import writes
+from harness.block import blockdev, qcow2_node
 from harness.errors import MachineError
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.machine import Machine
 from harness.session import Case
 
-pytestmark = pytest.mark.quick
+pytestmark = [pytest.mark.quick,
+              pytest.mark.requires(qmp=["x-debug-block-dirty-bitmap-sha256"])]
 
 DISK_SIZE = 1 << 30
 # (offset, length): the first write straddles a 64 KiB granule boundary
@@ -30,8 +33,7 @@ def make_vm(qio: Case, read_only: bool) -> Machine:
 
 
 def write_regions(vm: Machine, regions: tuple[tuple[int, int], ...]) -> None:
-    for off, length in regions:
-        vm.qemu_io(DEVICE, f"write {off:#x} {length:#x}", log=True, device=True)
+    writes(vm, DEVICE, regions, pattern=None, device=True)
 
 
 def hash_of(vm: Machine) -> str:
@@ -40,7 +42,6 @@ def hash_of(vm: Machine) -> str:
 
 @pytest.fixture
 def disk(qio: Case) -> None:
-    qio.require_commands("x-debug-block-dirty-bitmap-sha256")
     qio.img.create("disk.qcow2", DISK_SIZE)
 
 

@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.actions import Regions
+from harness.actions import writes as guest_writes
+from harness.block import blockdev, qcow2_node
+from harness.machine import Machine
 from harness.session import Case
 
 SIZE = 4 << 20
@@ -63,23 +66,21 @@ def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> Machine:
     return qio.vm(name, args=args)
 
 
-def writes(qio: Case, vm: Machine, node: str, regions: tuple[tuple[int, int], ...],
-           pattern: int) -> None:
-    for off, length in regions:
-        qio.write(vm, node, off, length, pattern=pattern, device=DEVICE)
+def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+    """Guest writes through the device: they land in whatever the active layer is."""
+    guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
 def snapshot(qio: Case, vm: Machine, method: str, base: str, overlay: str) -> None:
     """An external snapshot of ``base`` into a new ``overlay`` node, by either command."""
     path = qio.path(f"{overlay}.qcow2")
     if method == "blockdev-snapshot-sync":
-        vm.qmp_log("blockdev-snapshot-sync", **{"node-name": base, "snapshot-file": str(path),
-                                                "snapshot-node-name": overlay, "format": "qcow2"})
+        vm.qmp_log("blockdev-snapshot-sync", node_name=base, snapshot_file=str(path),
+                   snapshot_node_name=overlay, format="qcow2")
     else:
         qio.img.create(path.name, SIZE, backing=f"{base}.qcow2")
-        vm.qmp_log("blockdev-add", **qcow2_node(path, overlay, backing=None))
+        vm.qmp_log("blockdev-add", qcow2_node(path, overlay, backing=None))
         vm.qmp_log("blockdev-snapshot", node=base, overlay=overlay)
-    qio.model.node(overlay, SIZE)
 
 
 @pytest.mark.parametrize("method", ["blockdev-snapshot-sync", "blockdev-snapshot"])
@@ -93,54 +94,51 @@ def snapshot(qio: Case, vm: Machine, method: str, base: str, overlay: str) -> No
 def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str) -> None:
     restart_at = RESTARTS[restarts]
     qio.img.create("base.qcow2", SIZE)
-    qio.model.node("base", SIZE)
 
     qio.log.heading("bitmap on the base, guest writes into the base")
     vm = base_vm(qio)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="bitmap0", persistent=persistent)
-    qio.model.add_bitmap("base", "bitmap0", persistent=persistent)
-    writes(qio, vm, "base", BEFORE_SNAPSHOT, 0x11)
+    writes(vm, BEFORE_SNAPSHOT, 0x11)
     qio.check_live(vm, "base")
 
     qio.log.heading(f"external snapshot with {method}; guest writes land in the overlay")
     snapshot(qio, vm, method, "base", "top")
-    writes(qio, vm, "top", IN_OVERLAY, 0x22)
+    writes(vm, IN_OVERLAY, 0x22)
     qio.show_bitmaps(vm, "top")
     qio.check_live(vm, "base")
 
     if "snapshot" in restart_at:
         qio.log.heading("restart on the chain base <- top")
         vm.shutdown()
-        qio.check_disk("base.qcow2", "base")
+        qio.check_disk("base.qcow2")
         vm = chain_vm(qio, ["base", "top"], "vm1")
         vm.launch()
         qio.check_live(vm, "base")
 
     qio.log.heading("active commit of top into base, guest writes while it runs")
-    vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "base-node": "base"})
+    vm.qmp_log("block-commit", job_id="commit0", device="top", base_node="base")
     assert vm.run_job("commit0", complete=True,
-                      on_ready=lambda: writes(qio, vm, "top", DURING_COMMIT, 0x33)) is None
-    qio.model.commit("top", "base")
+                      on_ready=lambda: writes(vm, DURING_COMMIT, 0x33)) is None
     qio.check_live(vm, "base")
 
     if "commit" in restart_at:
         qio.log.heading("restart on the base alone")
         vm.shutdown()
-        qio.check_disk("base.qcow2", "base")
+        qio.check_disk("base.qcow2")
         vm = base_vm(qio, "vm2")
         vm.launch()
         qio.check_live(vm, "base")
 
     qio.log.heading("guest writes into the base after the commit")
-    writes(qio, vm, "base", AFTER_COMMIT, 0x44)
+    writes(vm, AFTER_COMMIT, 0x44)
     qio.show_bitmaps(vm, "base")
     qio.check_live(vm, "base")
     vm.shutdown()
     if not persistent:
         assert qio.img.bitmaps("base.qcow2") == [], "a non-persistent bitmap was stored"
         return
-    qio.check_disk("base.qcow2", "base")
+    qio.check_disk("base.qcow2")
 
     if "final" in restart_at:
         qio.log.heading("restart: the stored bitmap has every write")
@@ -153,40 +151,35 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
 def test_intermediate_commit(qio: Case) -> None:
     """base <- mid <- top, bitmaps on base and mid; commit mid into base while top stays."""
     qio.img.create("base.qcow2", SIZE)
-    for n in ("base", "mid", "top"):
-        qio.model.node(n, SIZE)
 
     qio.log.heading("base with a persistent bitmap; writes")
     vm = base_vm(qio)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="b-base", persistent=True)
-    qio.model.add_bitmap("base", "b-base", persistent=True)
-    writes(qio, vm, "base", BEFORE_SNAPSHOT, 0x11)
+    writes(vm, BEFORE_SNAPSHOT, 0x11)
 
     qio.log.heading("snapshot to mid, a persistent bitmap on mid, writes into mid")
     snapshot(qio, vm, "blockdev-snapshot-sync", "base", "mid")
     vm.qmp_log("block-dirty-bitmap-add", node="mid", name="b-mid", persistent=True)
-    qio.model.add_bitmap("mid", "b-mid", persistent=True)
-    writes(qio, vm, "mid", IN_OVERLAY, 0x22)
+    writes(vm, IN_OVERLAY, 0x22)
 
     qio.log.heading("snapshot to top, writes into top")
     snapshot(qio, vm, "blockdev-snapshot-sync", "mid", "top")
-    writes(qio, vm, "top", DURING_COMMIT, 0x33)
+    writes(vm, DURING_COMMIT, 0x33)
     qio.check_live(vm, "base")
     qio.check_live(vm, "mid")
 
     qio.log.heading("commit mid into base (top stays active)")
-    vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "top-node": "mid",
-                                  "base-node": "base"})
+    vm.qmp_log("block-commit", job_id="commit0", device="top", top_node="mid",
+               base_node="base")
     assert vm.run_job("commit0") is None
-    qio.model.commit("mid", "base")
     qio.check_live(vm, "base")
 
     qio.log.heading("more writes into top; then restart on base <- top")
-    writes(qio, vm, "top", AFTER_COMMIT, 0x44)
+    writes(vm, AFTER_COMMIT, 0x44)
     vm.shutdown()
-    qio.check_disk("base.qcow2", "base")
-    qio.check_disk("mid.qcow2", "mid")
+    qio.check_disk("base.qcow2")
+    qio.check_disk("mid.qcow2")
     vm = chain_vm(qio, ["base", "top"], "vm1")
     vm.launch()
     qio.show_bitmaps(vm, "base")

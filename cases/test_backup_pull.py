@@ -34,6 +34,9 @@ from typing import Any
 
 import pytest
 
+from harness.actions import Regions, action, add_target, backup_job, del_target
+from harness.actions import bitmap_add as add_bitmap_action
+from harness.actions import writes as guest_writes
 from harness.backup import (
     Chain,
     NbdExport,
@@ -43,17 +46,16 @@ from harness.backup import (
     copy_whole_export,
     create_target,
     dirty_extents,
-    export_bitmap_takes_node,
     nbd_export_add,
     nbd_export_del,
     nbd_server_start,
     received,
     reference,
-    target_node,
     verify_restore,
 )
+from harness.block import blockdev, qcow2_node
 from harness.errors import OracleFailure
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.machine import Machine
 from harness.model import Extents, format_ranges
 from harness.session import Case
 
@@ -63,7 +65,6 @@ NODE = "drive0"
 DEVICE = "disk0/virtio-backend"
 DISK_QOM = "/machine/peripheral/disk0"
 EXPORT = "backup"
-Regions = tuple[tuple[int, int], ...]
 
 # (offset, length) of each phase's writes; several straddle two 64 KiB granules
 W0 = ((0, 0x20000), (0x100000, 0x10000), (0x200000, 0x30000), (0x3F0000, 0x10000))
@@ -75,30 +76,33 @@ DURING0 = ((0x10000, 0x1000), (0x300000, 0x10000))
 DURING1 = ((0x100800, 0x200), (0x180000, 0x10000), (0x8000, 0x200))
 DURING2 = ((0x40000, 0x1000), (0x3F0000, 0x1000), (0x210000, 0x200))
 
-METHODS = ("backup-sync-none", "cbw-snapshot-access")
+METHODS = (
+    pytest.param("backup-sync-none", marks=pytest.mark.requires(
+        qmp=["nbd-server-start", "transaction"])),
+    # a snapshot-access node reaches no bitmap of the source: the export names it by node
+    pytest.param("cbw-snapshot-access", marks=pytest.mark.requires(
+        qmp=["nbd-server-start", "transaction"],
+        drivers=["copy-before-write", "snapshot-access"],
+        node_bitmaps=["block-export-add.bitmaps"])),
+)
 
 
 def start(qio: Case) -> Machine:
     """The source: a qcow2 node under a virtio-blk device; the guest writes through it."""
     qio.img.create("src.qcow2", SIZE)
-    qio.model.node(NODE, SIZE)
     vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("src.qcow2"), NODE)),
                       "-device", f"virtio-blk-pci,drive={NODE},id=disk0"])
     vm.launch()
     return vm
 
 
-def writes(qio: Case, vm: Machine, regions: Regions, pattern: int) -> None:
-    for off, length in regions:
-        qio.write(vm, NODE, off, length, pattern=pattern, device=DEVICE)
-
-
-def action(kind: str, **data: Any) -> dict[str, Any]:
-    return {"type": kind, "data": data}
+def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+    """Guest writes through the device (onto whatever filter the view put above it)."""
+    guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
 def bitmap_add(name: str, **more: Any) -> dict[str, Any]:
-    return action("block-dirty-bitmap-add", node=NODE, name=name, granularity=GRAN, **more)
+    return add_bitmap_action(NODE, name, GRAN, **more)
 
 
 class Fleecing:
@@ -134,28 +138,24 @@ class Fleecing:
         self.qio.img.create(self.image, SIZE)
         path = self.qio.path(self.image)
         if self.method == "backup-sync-none":
-            assert "return" in vm.qmp_log("blockdev-add", **qcow2_node(path, "fleece",
-                                                                       backing=NODE))
-            assert "return" in vm.qmp_log("transaction", actions=[
+            vm.qmp_log("blockdev-add", qcow2_node(path, "fleece", backing=NODE))
+            vm.qmp_log("transaction", actions=[
                 *actions,
-                action("blockdev-backup", **{"job-id": "fleecing", "device": NODE,
-                                             "target": "fleece", "sync": "none"}),
+                action("blockdev-backup", job_id="fleecing", device=NODE, target="fleece",
+                       sync="none"),
                 *jobs,
             ])
             return
-        assert "return" in vm.qmp_log("blockdev-add", **qcow2_node(path, "fleece",
-                                                                   backing=None))
+        vm.qmp_log("blockdev-add", qcow2_node(path, "fleece", backing=None))
         vm.qmp_log("stop")
-        assert "return" in vm.qmp_log("blockdev-add", **{
-            "driver": "copy-before-write", "node-name": "fl-cbw", "file": NODE,
-            "target": "fleece"})
-        assert "return" in vm.qmp_log("qom-set", path=DISK_QOM, property="drive",
-                                      value="fl-cbw")
+        vm.qmp_log("blockdev-add", driver="copy-before-write", node_name="fl-cbw", file=NODE,
+                   target="fleece")
+        vm.qmp_log("qom-set", path=DISK_QOM, property="drive", value="fl-cbw")
         if actions or jobs:
-            assert "return" in vm.qmp_log("transaction", actions=[*actions, *jobs])
+            vm.qmp_log("transaction", actions=[*actions, *jobs])
         vm.qmp_log("cont")
-        assert "return" in vm.qmp_log("blockdev-add", **{
-            "driver": "snapshot-access", "node-name": "fl-access", "file": "fl-cbw"})
+        vm.qmp_log("blockdev-add", driver="snapshot-access", node_name="fl-access",
+                   file="fl-cbw")
 
     def publish(self, bitmap: str | None = None) -> NbdExport:
         """Start the VM's NBD server in its socket dir and export the view (with a bitmap)."""
@@ -176,17 +176,16 @@ class Fleecing:
             vm.qmp_log("job-cancel", id="fleecing")
             vm.run_job("fleecing")
         else:
-            vm.qmp_log("blockdev-del", **{"node-name": "fl-access"})
-            assert "return" in vm.qmp_log("qom-set", path=DISK_QOM, property="drive",
-                                          value=NODE)
-            vm.qmp_log("blockdev-del", **{"node-name": "fl-cbw"})
-        assert "return" in vm.qmp_log("blockdev-del", **{"node-name": "fleece"})
+            vm.qmp_log("blockdev-del", node_name="fl-access")
+            vm.qmp_log("qom-set", path=DISK_QOM, property="drive", value=NODE)
+            vm.qmp_log("blockdev-del", node_name="fl-cbw")
+        vm.qmp_log("blockdev-del", node_name="fleece")
 
 
 def guest_writes_during(qio: Case, vm: Machine, export: NbdExport, ref: Reference,
                         regions: Regions, pattern: int) -> None:
     """The guest writes while the view is exported; the source changes, the view not."""
-    writes(qio, vm, regions, pattern)
+    writes(vm, regions, pattern)
     vm.qemu_io(DEVICE, "flush", device=True)
     res = qio.img.run("compare", "-U", "src.qcow2", ref.image, check=False)
     assert res.status == 1, (f"the writes during the export left the source equal to "
@@ -199,23 +198,13 @@ def guest_writes_during(qio: Case, vm: Machine, export: NbdExport, ref: Referenc
     qio.log.log(f"export {export.name!r}: identical to reference {ref.n}")
 
 
-def check_exported(qio: Case, bitmap: str, extents: Extents) -> None:
-    """The extents the client read must be exactly the model's bitmap (rounded to its
-    granularity): a missing range would be lost from the backup, an extra one means
-    the export did not show the bitmap as it was at the fleecing point."""
-    v = qio.model.verdict(NODE, bitmap, extents)
-    qio.log.log(f"oracle (exported {bitmap}): {v.describe()}")
-    if v.missing or v.extra:
-        raise OracleFailure(f"the export showed {bitmap} as {format_ranges(extents)}; the "
-                            f"model requires {format_ranges(v.required)}")
-
-
-def pull_incremental(qio: Case, export: NbdExport, bitmap: str, image: str,
+def pull_incremental(qio: Case, vm: Machine, export: NbdExport, bitmap: str, image: str,
                      backing: str) -> Extents:
-    """What a backup client does: map the bitmap over NBD, copy only its extents."""
+    """What a backup client does: map the bitmap over NBD, copy only its extents. What
+    it read must be exactly the model's bitmap (rounded to its granularity)."""
     extents = dirty_extents(qio.img, export, bitmap)
     qio.log.log(f"NBD client: qemu:dirty-bitmap:{bitmap} dirty {format_ranges(extents)}")
-    check_exported(qio, bitmap, extents)
+    qio.oracle.check_ranges(vm, NODE, bitmap, extents, f"exported {bitmap}")
     create_target(qio.img, image, SIZE, backing=backing)
     copy_extents(qio, export, extents, image)
     held = received(qio.img, image)
@@ -225,30 +214,16 @@ def pull_incremental(qio: Case, export: NbdExport, bitmap: str, image: str,
     return extents
 
 
-def require_method(qio: Case, method: str) -> None:
-    qio.require_commands("nbd-server-start", "transaction")
-    if method == "cbw-snapshot-access":
-        missing = {"copy-before-write", "snapshot-access"} - qio.probe.blockdev_drivers()
-        if missing:
-            pytest.skip(f"QEMU {qio.probe.version} has no blockdev driver(s) "
-                        f"{', '.join(sorted(missing))}")
-        if not export_bitmap_takes_node(qio.probe):
-            pytest.skip(f"QEMU {qio.probe.version}: block-export-add cannot name a bitmap "
-                        "by node, and none is reachable from a snapshot-access node")
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_pull_backups(qio: Case, method: str) -> None:
-    require_method(qio, method)
     vm = start(qio)
     qio.log.heading("guest writes")
-    writes(qio, vm, W0, 0x11)
+    writes(vm, W0, 0x11)
 
     qio.log.heading(f"backup 0 (full) over NBD; checkpoint c0 starts at its point ({method})")
     ref0 = reference(qio, vm, NODE, "src.qcow2", 0)
     view = Fleecing(qio, vm, method, 0)
     view.begin([bitmap_add("c0", persistent=True)])
-    qio.model.add_bitmap(NODE, "c0", granularity=GRAN, persistent=True)
     export = view.publish()
     guest_writes_during(qio, vm, export, ref0, DURING0, 0x12)
     copy_whole_export(qio, export, "full.qcow2")
@@ -259,30 +234,23 @@ def test_pull_backups(qio: Case, method: str) -> None:
     qio.check_live(vm, NODE, where="after backup 0")
 
     qio.log.heading("guest writes, tracked by c0")
-    writes(qio, vm, W1, 0x22)
+    writes(vm, W1, 0x22)
 
     qio.log.heading("backup 1 since c0: disable c0 and add c1 at the fleecing point; a "
                     "push-mode backup from c0 in the same transaction")
     ref1 = reference(qio, vm, NODE, "src.qcow2", 1)
-    create_target(qio.img, "push1.qcow2", SIZE, backing="full.qcow2")
-    assert "return" in vm.qmp_log("blockdev-add", **target_node(qio.path("push1.qcow2"),
-                                                                "push1"))
+    add_target(qio, vm, "push1.qcow2", SIZE, backing="full.qcow2")
     view = Fleecing(qio, vm, method, 1)
     view.begin([
         action("block-dirty-bitmap-disable", node=NODE, name="c0"),
         bitmap_add("c1", persistent=True),
-    ], jobs=(action("blockdev-backup", **{"job-id": "push1", "device": NODE, "target": "push1",
-                                          "sync": "bitmap", "bitmap": "c0",
-                                          "bitmap-mode": "never", "auto-dismiss": False}),))
-    qio.model.disable(NODE, "c0")
-    qio.model.add_bitmap(NODE, "c1", granularity=GRAN, persistent=True)
-    job = qio.model.backup_begin(NODE, "c0")
-    assert vm.run_job("push1", auto_dismiss=False) is None
-    qio.model.backup_end(job, "never", True)
-    vm.qmp_log("blockdev-del", **{"node-name": "push1"})
+    ], jobs=(action("blockdev-backup", **backup_job("push1", NODE, "push1", sync="bitmap",
+                                                    bitmap="c0", bitmap_mode="never")),))
+    assert vm.run_job("push1") is None
+    del_target(vm, "push1.qcow2")
     export = view.publish("c0")
     guest_writes_during(qio, vm, export, ref1, DURING1, 0x33)
-    pulled = pull_incremental(qio, export, "c0", "inc1.qcow2", full.top)
+    pulled = pull_incremental(qio, vm, export, "c0", "inc1.qcow2", full.top)
     view.end()
     verify_restore(qio, full.then("inc1.qcow2"), ref1, "backup-1-pull")
     verify_restore(qio, full.then("push1.qcow2"), ref1, "backup-1-push")
@@ -294,7 +262,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
     qio.check_live(vm, NODE, where="after backup 1")
 
     qio.log.heading("guest writes, tracked by c1")
-    writes(qio, vm, W2, 0x44)
+    writes(vm, W2, 0x44)
 
     qio.log.heading("backup 2, a differential since c0: c0 and c1 merged into a disabled "
                     "bitmap at the fleecing point")
@@ -304,14 +272,11 @@ def test_pull_backups(qio: Case, method: str) -> None:
         bitmap_add("since-c0", disabled=True),
         action("block-dirty-bitmap-merge", node=NODE, target="since-c0", bitmaps=["c0", "c1"]),
     ])
-    qio.model.add_bitmap(NODE, "since-c0", granularity=GRAN, recording=False)
-    qio.model.merge(NODE, "since-c0", [(NODE, "c0"), (NODE, "c1")])
     export = view.publish("since-c0")
     guest_writes_during(qio, vm, export, ref2, DURING2, 0x55)
-    pull_incremental(qio, export, "since-c0", "diff2.qcow2", full.top)
+    pull_incremental(qio, vm, export, "since-c0", "diff2.qcow2", full.top)
     view.end()
     vm.qmp_log("block-dirty-bitmap-remove", node=NODE, name="since-c0")
-    qio.model.remove_bitmap(NODE, "since-c0")
     verify_restore(qio, full.then("diff2.qcow2"), ref2, "backup-2")
     qio.show_bitmaps(vm, NODE)
     qio.check_live(vm, NODE, where="after backup 2")
@@ -319,19 +284,18 @@ def test_pull_backups(qio: Case, method: str) -> None:
     qio.log.heading("shutdown: the checkpoints are stored")
     vm.shutdown()
     qio.show_image_bitmaps("src.qcow2")
-    qio.check_disk("src.qcow2", NODE)
+    qio.check_disk("src.qcow2")
 
 
+@pytest.mark.requires(qmp=["nbd-server-start", "block-export-add"])
 def test_enabled_bitmap_not_exported(qio: Case) -> None:
     """A read-only export refuses a bitmap that still records (its bits would change
     under the client); that is why the exported bitmap is a disabled one."""
-    qio.require_commands("nbd-server-start", "block-export-add")
     vm = start(qio)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="c0", granularity=GRAN)
     socket = vm.socket_path.parent / "backup.nbd"
     nbd_server_start(vm, socket)
-    reply = vm.qmp_log("block-export-add", type="nbd", id=EXPORT, name=EXPORT,
-                       **{"node-name": NODE, "bitmaps": ["c0"]})
-    assert "error" in reply, "an enabled bitmap was exported read-only"
+    vm.qmp_log("block-export-add", type="nbd", id=EXPORT, name=EXPORT, node_name=NODE,
+               bitmaps=["c0"], expect_error="incompatible with readonly export")
     vm.qmp_log("nbd-server-stop")
     vm.shutdown()

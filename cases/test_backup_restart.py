@@ -29,26 +29,28 @@ knows every bit), live and on disk.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from harness.backup import (
-    Chain,
-    check_sync_bitmap,
-    create_target,
-    reference,
-    target_node,
-    verify_restore,
+from harness.actions import (
+    Regions,
+    action,
+    add_target,
+    backup_job,
+    bitmap_add,
+    del_target,
+    full_backup,
+    incremental_backup,
 )
+from harness.actions import writes as guest_writes
+from harness.backup import Chain, reference, verify_restore
 from harness.bitmaps import live_bitmap
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.block import blockdev, qcow2_node
+from harness.machine import Machine
 from harness.session import Case
 
 SIZE = 4 << 20
 GRAN = 64 << 10
 DEVICE = "disk0/virtio-backend"
-Regions = tuple[tuple[int, int], ...]
 
 # (offset, length) of each phase's writes; several straddle two 64 KiB granules
 W0 = ((0, 0x20000), (0x100000, 0x10000), (0x300000, 0x20000), (0x3F0000, 0x10000))
@@ -70,161 +72,103 @@ def base_vm(qio: Case) -> Machine:
                         "-device", "virtio-blk-pci,drive=base,id=disk0"])
 
 
-def writes(qio: Case, vm: Machine, node: str, regions: Regions, pattern: int) -> None:
-    """Guest writes through the device; ``node`` is the active layer they land in."""
-    for off, length in regions:
-        qio.write(vm, node, off, length, pattern=pattern, device=DEVICE)
+def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+    """Guest writes through the device: they land in whatever the active layer is."""
+    guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
-def action(kind: str, **data: Any) -> dict[str, Any]:
-    return {"type": kind, "data": data}
-
-
-def bitmap_add(node: str, name: str, **more: Any) -> dict[str, Any]:
-    return action("block-dirty-bitmap-add", node=node, name=name, granularity=GRAN, **more)
-
-
-def add_target(qio: Case, vm: Machine, image: str, backing: str | None) -> str:
-    create_target(qio.img, image, SIZE, backing=backing)
-    node = image.removesuffix(".qcow2")
-    assert "return" in vm.qmp_log("blockdev-add", **target_node(qio.path(image), node))
-    return node
-
-
-def backup_args(job: str, device: str, target: str, **more: Any) -> dict[str, Any]:
-    """``blockdev-backup`` arguments; ``auto-dismiss: false`` so a failed job's error can
-    still be read from ``query-jobs`` when it ends."""
-    return {"job-id": job, "device": device, "target": target, "auto-dismiss": False,
-            **more}
-
-
-def finish(vm: Machine, job: str, target: str) -> None:
-    assert vm.run_job(job, auto_dismiss=False) is None, f"{job} failed"
-    vm.qmp_log("blockdev-del", **{"node-name": target})
-
-
-def full_backup(qio: Case, vm: Machine, n: int, node: str, image: str) -> Chain:
+def full(qio: Case, vm: Machine, n: int, node: str, image: str) -> Chain:
     """A new persistent ``b0`` and a full backup in one transaction; restored at once."""
-    ref = reference(qio, vm, node, f"{node}.qcow2", n)
-    target = add_target(qio, vm, image, None)
-    assert "return" in vm.qmp_log("transaction", actions=[
-        bitmap_add(node, "b0", persistent=True),
-        action("blockdev-backup", **backup_args(f"backup{n}", node, target, sync="full")),
-    ])
-    qio.model.add_bitmap(node, "b0", granularity=GRAN, persistent=True)
-    finish(vm, f"backup{n}", target)
-    chain = Chain((image,))
-    verify_restore(qio, chain, ref, f"backup-{n}")
-    return chain
+    return full_backup(qio, vm, node, f"{node}.qcow2", SIZE, n, image,
+                       [bitmap_add(node, "b0", GRAN, persistent=True)])
 
 
 def incremental(qio: Case, vm: Machine, n: int, node: str, chain: Chain) -> Chain:
-    """``sync=incremental`` from ``node``'s ``b0`` onto the chain; restored at once."""
-    check_sync_bitmap(qio, vm, node, ["b0"], f"before backup {n}")
-    ref = reference(qio, vm, node, f"{node}.qcow2", n)
-    image = f"inc{n}.qcow2"
-    target = add_target(qio, vm, image, chain.top)
-    assert "return" in vm.qmp_log("blockdev-backup", **backup_args(
-        f"backup{n}", node, target, sync="incremental", bitmap="b0"))
-    job = qio.model.backup_begin(node, "b0")
-    finish(vm, f"backup{n}", target)
-    qio.model.backup_end(job, "incremental", True)
-    check_sync_bitmap(qio, vm, node, ["b0"], f"after backup {n}")
-    chain = chain.then(image)
-    verify_restore(qio, chain, ref, f"backup-{n}")
-    return chain
+    """``sync=incremental`` from ``node``'s ``b0`` onto the chain, checked exactly before
+    and after; restored at once."""
+    qio.oracle.check_exact(vm, node, ["b0"], f"before backup {n}")
+    return incremental_backup(qio, vm, node, f"{node}.qcow2", SIZE, n, chain)
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.requires(qmp=["blockdev-backup", "blockdev-snapshot", "block-dirty-bitmap-merge",
+                           "transaction"],
+                      # base/b0 joins an incremental of top as a {node, name} merge source
+                      node_bitmaps=["block-dirty-bitmap-merge.bitmaps"])
 def test_backup_chain(qio: Case, ending: str) -> None:
-    qio.require_commands("blockdev-backup", "blockdev-snapshot", "block-dirty-bitmap-merge",
-                         "transaction")
-    if not qio.probe.takes_node_bitmaps("block-dirty-bitmap-merge", "bitmaps"):
-        pytest.skip(f"QEMU {qio.probe.version}: block-dirty-bitmap-merge takes no "
-                    "{node, name} sources, so base/b0 cannot join an incremental of top")
     qio.img.create("base.qcow2", SIZE)
-    qio.model.node("base", SIZE)
     vm = base_vm(qio)
     vm.launch()
 
     qio.log.heading("backup 0: full, with the persistent bitmap base/b0 in its transaction")
-    writes(qio, vm, "base", W0, 0x11)
-    chain = full_backup(qio, vm, 0, "base", "full.qcow2")
+    writes(vm, W0, 0x11)
+    chain = full(qio, vm, 0, "base", "full.qcow2")
 
     qio.log.heading("backup 1 before the snapshot: incremental from base/b0")
-    writes(qio, vm, "base", W1, 0x22)
+    writes(vm, W1, 0x22)
     chain = incremental(qio, vm, 1, "base", chain)
 
     qio.log.heading("writes into base, then the snapshot base <- top with top/b0 in its "
                     "transaction")
-    writes(qio, vm, "base", W2, 0x33)
+    writes(vm, W2, 0x33)
     qio.img.create("top.qcow2", SIZE, backing="base.qcow2")
-    assert "return" in vm.qmp_log("blockdev-add", **qcow2_node(qio.path("top.qcow2"), "top",
+    vm.qmp_log("blockdev-add", qcow2_node(qio.path("top.qcow2"), "top",
                                                                backing=None))
-    assert "return" in vm.qmp_log("transaction", actions=[
-        bitmap_add("top", "b0", persistent=True),
+    vm.qmp_log("transaction", actions=[
+        bitmap_add("top", "b0", GRAN, persistent=True),
         action("blockdev-snapshot", node="base", overlay="top"),
     ])
-    qio.model.node("top", SIZE)
-    qio.model.add_bitmap("top", "b0", granularity=GRAN, persistent=True)
-    writes(qio, vm, "top", W3, 0x44)
+    writes(vm, W3, 0x44)
     qio.show_bitmaps(vm, "base")
     qio.show_bitmaps(vm, "top")
-    check_sync_bitmap(qio, vm, "base", ["b0"], "before backup 2")
-    check_sync_bitmap(qio, vm, "top", ["b0"], "before backup 2")
+    qio.oracle.check_exact(vm, "base", ["b0"], "before backup 2")
+    qio.oracle.check_exact(vm, "top", ["b0"], "before backup 2")
 
     qio.log.heading("backup 2 during the snapshot: the device's changes are base/b0 and "
                     "top/b0 merged; top/b0 cleared in the same transaction")
     ref = reference(qio, vm, "top", "top.qcow2", 2)
-    target = add_target(qio, vm, "inc2.qcow2", chain.top)
-    assert "return" in vm.qmp_log("transaction", actions=[
-        bitmap_add("top", "merged", disabled=True),
+    target = add_target(qio, vm, "inc2.qcow2", SIZE, chain.top)
+    vm.qmp_log("transaction", actions=[
+        bitmap_add("top", "merged", GRAN, disabled=True),
         action("block-dirty-bitmap-merge", node="top", target="merged",
                bitmaps=[{"node": "base", "name": "b0"}, "b0"]),
         action("block-dirty-bitmap-clear", node="top", name="b0"),
-        action("blockdev-backup", **backup_args("backup2", "top", target, sync="bitmap",
-                                                bitmap="merged", **{"bitmap-mode": "never"})),
+        action("blockdev-backup", **backup_job("backup2", "top", target, sync="bitmap",
+                                               bitmap="merged", bitmap_mode="never")),
     ])
-    qio.model.add_bitmap("top", "merged", granularity=GRAN, recording=False)
-    qio.model.merge("top", "merged", [("base", "b0"), ("top", "b0")])
-    qio.model.clear("top", "b0")
-    job = qio.model.backup_begin("top", "merged")
-    finish(vm, "backup2", target)
-    qio.model.backup_end(job, "never", True)
-    check_sync_bitmap(qio, vm, "top", ["b0", "merged"], "after backup 2")
+    assert vm.run_job("backup2") is None
+    del_target(vm, "inc2.qcow2")
+    qio.oracle.check_exact(vm, "top", ["b0", "merged"], "after backup 2")
     vm.qmp_log("block-dirty-bitmap-remove", node="top", name="merged")
-    qio.model.remove_bitmap("top", "merged")
     chain = chain.then("inc2.qcow2")
     verify_restore(qio, chain, ref, "backup-2")
-    reply = vm.qmp_log("block-dirty-bitmap-clear", node="base", name="b0")
-    assert "error" in reply, "a bitmap of the read-only base was cleared"
-    check_sync_bitmap(qio, vm, "base", ["b0"], "after backup 2, base/b0 kept")
+    vm.qmp_log("block-dirty-bitmap-clear", node="base", name="b0", expect_error="readonly")
+    qio.oracle.check_exact(vm, "base", ["b0"], "after backup 2, base/b0 kept")
 
     qio.log.heading("writes into top; active commit of top into base, writes while it runs")
-    writes(qio, vm, "top", W4, 0x55)
-    vm.qmp_log("block-commit", **{"job-id": "commit0", "device": "top", "base-node": "base"})
+    writes(vm, W4, 0x55)
+    vm.qmp_log("block-commit", job_id="commit0", device="top", base_node="base")
     assert vm.run_job("commit0", complete=True,
-                      on_ready=lambda: writes(qio, vm, "top", DURING_COMMIT, 0x66)) is None
-    qio.model.commit("top", "base")
-    vm.qmp_log("blockdev-del", **{"node-name": "top"})
+                      on_ready=lambda: writes(vm, DURING_COMMIT, 0x66)) is None
+    vm.qmp_log("blockdev-del", node_name="top")
     qio.show_bitmaps(vm, "base")
 
     qio.log.heading("backup 3 after the commit: incremental from base/b0")
     chain = incremental(qio, vm, 3, "base", chain)
-    writes(qio, vm, "base", W5, 0x77)
+    writes(vm, W5, 0x77)
     vm.qemu_io(DEVICE, "flush", device=True, log=True)
 
     if ending == "clean-restart":
         qio.log.heading("restart: b0 is stored at shutdown and loaded again")
         vm.shutdown()
         qio.show_image_bitmaps("base.qcow2")
-        qio.check_disk("base.qcow2", "base")
+        qio.check_disk("base.qcow2")
         vm.launch()
         qio.show_bitmaps(vm, "base")
         qio.check_live(vm, "base", where="after the restart")
 
         qio.log.heading("backup 4 after the restart: incremental from base/b0")
-        writes(qio, vm, "base", W6, 0x88)
+        writes(vm, W6, 0x88)
         incremental(qio, vm, 4, "base", chain)
     else:
         qio.log.heading("SIGKILL: b0 was in use")
@@ -233,7 +177,7 @@ def test_backup_chain(qio: Case, ending: str) -> None:
         qio.log.log(f"SIGKILL {vm.name}")
         (stored,) = qio.show_image_bitmaps("base.qcow2")
         assert stored.in_use, "b0 open read-write at the kill lost its in-use flag"
-        qio.check_disk("base.qcow2", "base", where="after the kill")
+        qio.check_disk("base.qcow2", where="after the kill")
         vm.launch()
         qio.show_bitmaps(vm, "base", hashes=False)
         qio.check_live(vm, "base", where="after the kill")
@@ -241,17 +185,15 @@ def test_backup_chain(qio: Case, ending: str) -> None:
         qio.log.heading("backup 4: b0 is inconsistent; an incremental is refused, so a "
                         "new full backup with a new b0")
         assert live_bitmap(vm, "base", "b0").inconsistent, "b0 loaded as valid after SIGKILL"
-        target = add_target(qio, vm, "inc4.qcow2", chain.top)
-        reply = vm.qmp_log("blockdev-backup", **backup_args(
-            "backup4", "base", target, sync="incremental", bitmap="b0"))
-        assert "error" in reply, "an incremental backup from an inconsistent bitmap started"
-        vm.qmp_log("blockdev-del", **{"node-name": target})
+        target = add_target(qio, vm, "inc4.qcow2", SIZE, chain.top)
+        vm.qmp_log("blockdev-backup", backup_job("backup4", "base", target, sync="incremental",
+                                                 bitmap="b0"), expect_error="inconsistent")
+        del_target(vm, "inc4.qcow2")
         vm.qmp_log("block-dirty-bitmap-remove", node="base", name="b0")
-        qio.model.remove_bitmap("base", "b0")
-        chain = full_backup(qio, vm, 4, "base", "full4.qcow2")
+        chain = full(qio, vm, 4, "base", "full4.qcow2")
 
         qio.log.heading("backup 5: incremental from the new b0 onto the new full backup")
-        writes(qio, vm, "base", W6, 0x88)
+        writes(vm, W6, 0x88)
         incremental(qio, vm, 5, "base", chain)
     vm.shutdown()
-    qio.check_disk("base.qcow2", "base")
+    qio.check_disk("base.qcow2")

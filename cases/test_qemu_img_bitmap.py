@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 
 from harness.bitmaps import LiveBitmap, live_bitmaps, sha256
+from harness.block import blockdev, qcow2_node
 from harness.errors import ToolError
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.machine import Machine
 from harness.session import Case
 
 pytestmark = pytest.mark.quick

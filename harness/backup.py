@@ -18,25 +18,34 @@ the same copy-before-write and block-copy code as the backups it is meant to jud
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.binaries import Probe
-from harness.bitmaps import live_bitmap, live_ranges
-from harness.errors import HarnessError, OracleFailure
+from harness.errors import HarnessError, RestoreMismatch
 from harness.filters import TextFilter
 from harness.machine import Machine
-from harness.model import Extents, Verdict, format_ranges
-from harness.session import Case
-from harness.tools import QemuImg
+from harness.model import Extents, format_ranges
+from harness.tools import QemuImg, QemuIO
+from harness.transcript import Transcript
+
+if TYPE_CHECKING:
+    from harness.oracle import Oracle
 
 SECTOR = 512
 
 
-class RestoreMismatch(HarnessError, AssertionError):
-    """A restored backup chain differs from the source at the time of the backup."""
+class Case(Protocol):
+    """What these helpers use of a case context (``harness.session.Case`` has it): the
+    scratch dir, the tools, the transcript. Any object with these works."""
+
+    scratch: Path
+    img: QemuImg
+    io: QemuIO
+    log: Transcript
+    oracle: Oracle
 
 
 @dataclass(frozen=True)
@@ -118,11 +127,12 @@ def host_offset(img: QemuImg, image: str | Path, guest_offset: int) -> int:
                        "cluster in this layer (flush the node before mapping it)")
 
 
-def received(img: QemuImg, image: str | Path) -> Extents:
+def received(img: QemuImg, image: str | Path, force_share: bool = False) -> Extents:
     """The guest ranges a backup target holds in its own layer (data or zero clusters),
-    i.e. what a job wrote into it; reads elsewhere fall through to the backing chain."""
+    i.e. what a job wrote into it; reads elsewhere fall through to the backing chain.
+    ``force_share`` reads an image QEMU still has open (flush it first)."""
     out = Extents()
-    for e in img.json("map", str(image)):
+    for e in img.json("map", *(["-U"] if force_share else []), str(image)):
         if e.get("depth", 0) == 0 and e.get("present", e.get("data", False)):
             out.add(int(e["start"]), int(e["length"]))
     return out
@@ -208,44 +218,6 @@ def expect_incomplete(qio: Case, chain: Chain, ref: Reference, label: str) -> No
     qio.log.log(f"{what}: differs from {ref.label}, as an unfinished backup must")
 
 
-# -- the sync bitmap after a job ---------------------------------------------------------
-
-
-def check_sync_bitmap(qio: Case, vm: Machine, node: str, names: Iterable[str],
-                      where: str, ranges_vary: str | None = None) -> list[Verdict]:
-    """The bitmaps against the model, exactly: after a backup the model knows every bit.
-
-    Missing ranges fail as everywhere (an incremental built on the bitmap would lose
-    data). Extra ranges fail too: here they mean the job did not clear what its
-    ``bitmap-mode`` says it clears. With ``ranges_vary`` (why the ranges are not the same
-    from run to run, e.g. they depend on the order of parallel copies) the transcript
-    gets that reason instead of the ranges; the check itself is the same.
-    """
-    names = list(names)
-    if ranges_vary is None:
-        verdicts = qio.check_live(vm, node, names, where=where)
-    else:
-        verdicts = []
-        for name in names:
-            b = live_bitmap(vm, node, name)
-            ranges = [] if b.inconsistent else live_ranges(vm, node, name, qio.img)
-            v = qio.model.verdict(node, name, ranges, b.inconsistent)
-            verdicts.append(v)
-            state = "complete" if v.ok else "INCOMPLETE"
-            qio.log.log(f"oracle ({where}): {node}/{name}: {state} ({ranges_vary})")
-        bad = [v.failure(where) for v in verdicts if not v.ok]
-        if bad:
-            raise OracleFailure("\n".join(bad))
-    extra = [v for v in verdicts if v.extra]
-    if extra:
-        raise OracleFailure("\n".join(
-            f"bitmap {v.bitmap!r} on {v.node!r} ({where}) has dirty ranges the model says "
-            f"the backup cleared: extra {format_ranges(v.extra)}; model requires "
-            f"{format_ranges(v.required)}, QEMU has {format_ranges(v.actual)}"
-            for v in extra))
-    return verdicts
-
-
 _FAILED_JOB_OFFSET = re.compile(
     r'^(?P<head>.*\{"event": "BLOCK_JOB_COMPLETED", "data": \{.*"error": .*"offset": )\d+',
     re.M)
@@ -302,9 +274,7 @@ class NbdExport:
 
 def nbd_server_start(vm: Machine, socket: Path) -> None:
     """``nbd-server-start`` on a unix socket (logged)."""
-    reply = vm.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
-    if "error" in reply:
-        raise HarnessError(f"vm {vm.name!r}: nbd-server-start failed: {reply['error']}")
+    vm.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
 
 
 def export_bitmap_takes_node(probe: Probe) -> bool:
@@ -326,15 +296,13 @@ def nbd_export_add(vm: Machine, node: str, name: str, socket: Path,
         args: dict[str, Any] = {"type": "nbd", "id": name, "name": name, "node-name": node}
         if bitmap is not None:
             args["bitmaps"] = [bitmap]
-        reply = vm.qmp_log("block-export-add", **args)
+        vm.qmp_log("block-export-add", args)
     else:
         if isinstance(bitmap, dict):
             raise HarnessError(f"vm {vm.name!r} has no block-export-add: nbd-server-add "
                                "names a bitmap only by name")
         extra = {} if bitmap is None else {"bitmap": bitmap}
-        reply = vm.qmp_log("nbd-server-add", device=node, name=name, **extra)
-    if "error" in reply:
-        raise HarnessError(f"vm {vm.name!r}: exporting {node!r} failed: {reply['error']}")
+        vm.qmp_log("nbd-server-add", {"device": node, "name": name, **extra})
     return NbdExport(socket, name)
 
 

@@ -132,7 +132,7 @@ def classify(message: str, text: str) -> tuple[str, str, bool]:
         return "qemu-timeout", detail, False
     if name == "MachineStateError":
         return "qemu-not-running", detail, False
-    if name == "QMPError":
+    if name == "CommandError":
         return "qmp-error", detail, False
     if name == "ToolError":
         t = _TOOL.search(body[m.end():] if m else body)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import CommandError, HarnessError
 from harness.machine import Machine
 from harness.tools import QemuImg
 
@@ -70,6 +70,7 @@ def live_bitmap(vm: Machine, node: str, name: str) -> LiveBitmap:
 
 
 def sha256(vm: Machine, node: str, name: str) -> str:
+    """QEMU's hash of a bitmap (``x-debug-block-dirty-bitmap-sha256``)."""
     return str(vm.qmp("x-debug-block-dirty-bitmap-sha256", node=node, name=name)["sha256"])
 
 
@@ -134,43 +135,73 @@ def ranges_count(ranges: list[tuple[int, int]], granularity: int) -> int:
 
 
 VIEW_BITMAP = "qiotests-view"
+VIEW_EXPORT = "qiotests-view"
 
 
-def live_ranges(vm: Machine, node: str, name: str, img: QemuImg) -> list[tuple[int, int]]:
+def live_ranges(vm: Machine, node: str, name: str, img: QemuImg,
+                nbd_socket: str | None = None) -> list[tuple[int, int]]:
     """The exact dirty ranges of a live bitmap, read over NBD the way backup tools do.
 
     The bitmap is copied into a disabled temporary bitmap (an enabled one cannot be
     exported read-only), the node is exported with that copy over the VM's own NBD server
-    on a unix socket, and ``qemu-img map`` reads ``qemu:dirty-bitmap:`` (it reports dirty
-    extents as ``"data": false``). Everything temporary is removed again; the bitmap under
-    test is only read.
+    on a unix socket (``nbd_socket``: the one the case already started, else a server of
+    our own), and ``qemu-img map`` reads ``qemu:dirty-bitmap:`` (it reports dirty extents
+    as ``"data": false``). Everything temporary is removed again; the bitmap under test
+    is only read. These are the harness's own commands: they go straight to the QMP
+    channel, so the oracle does not follow them as the case's.
     """
     gran = live_bitmap(vm, node, name).granularity
-    sock = vm.socket_path.parent / f"{vm.name}-view.nbd"
-    vm.qmp("block-dirty-bitmap-add", node=node, name=VIEW_BITMAP, granularity=gran,
-           disabled=True)
+    sock = nbd_socket or str(vm.socket_path.parent / f"{vm.name}-view.nbd")
+    _ok(vm, "block-dirty-bitmap-add", node=node, name=VIEW_BITMAP, granularity=gran,
+        disabled=True)
     try:
-        vm.qmp("block-dirty-bitmap-merge", node=node, target=VIEW_BITMAP, bitmaps=[name])
-        vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+        _ok(vm, "block-dirty-bitmap-merge", node=node, target=VIEW_BITMAP, bitmaps=[name])
+        if nbd_socket is None:
+            _ok(vm, "nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
         try:
-            _export(vm, node, "view")
-            opts = (f"driver=nbd,server.type=unix,server.path={sock},export=view,"
-                    f"x-dirty-bitmap=qemu:dirty-bitmap:{VIEW_BITMAP}")
-            extents = img.json("map", "--image-opts", opts)
+            _export(vm, node, VIEW_EXPORT)
+            try:
+                opts = (f"driver=nbd,server.type=unix,server.path={sock},"
+                        f"export={VIEW_EXPORT},x-dirty-bitmap=qemu:dirty-bitmap:{VIEW_BITMAP}")
+                extents = img.json("map", "--image-opts", opts)
+            finally:
+                if nbd_socket is not None:
+                    _unexport(vm)
         finally:
-            vm.undo("nbd-server-stop")
+            if nbd_socket is None:
+                vm.undo("nbd-server-stop")
     finally:
         vm.undo("block-dirty-bitmap-remove", node=node, name=VIEW_BITMAP)
     return [(int(e["start"]), int(e["length"])) for e in extents if not e["data"]]
 
 
+def _ok(vm: Machine, cmd: str, **args: Any) -> Any:
+    """One of the view's own commands on the raw channel; an error reply raises."""
+    args = {k.replace("_", "-"): v for k, v in args.items()}
+    reply = vm.execute(cmd, args)
+    if "error" in reply:
+        raise CommandError(vm.name, {"execute": cmd, "arguments": args}, reply, vm.argv)
+    return reply["return"]
+
+
 def _export(vm: Machine, node: str, export: str) -> None:
     if vm.has_command("block-export-add"):
-        try:
-            vm.qmp("block-export-add", type="nbd", id=export, name=export,
-                   **{"node-name": node, "bitmaps": [VIEW_BITMAP]})
+        reply = vm.execute("block-export-add", {"type": "nbd", "id": export, "name": export,
+                                                "node-name": node, "bitmaps": [VIEW_BITMAP]})
+        if "error" not in reply or not vm.has_command("nbd-server-add"):
+            if "error" in reply:
+                _ok(vm, "block-export-add", type="nbd", id=export, name=export,
+                    node_name=node, bitmaps=[VIEW_BITMAP])
             return
-        except HarnessError:
-            if not vm.has_command("nbd-server-add"):
-                raise
-    vm.qmp("nbd-server-add", device=node, name=export, bitmap=VIEW_BITMAP)
+    _ok(vm, "nbd-server-add", device=node, name=export, bitmap=VIEW_BITMAP)
+
+
+def _unexport(vm: Machine) -> None:
+    if vm.has_command("block-export-del"):
+        _ok(vm, "block-export-del", id=VIEW_EXPORT)
+        # the export goes away asynchronously: its event says when (and must not be left
+        # for a case waiting for its own export's event)
+        vm.event_wait("BLOCK_EXPORT_DELETED", timeout=10.0,
+                      match=lambda e: bool(e["data"].get("id") == VIEW_EXPORT))
+    else:
+        _ok(vm, "nbd-server-remove", name=VIEW_EXPORT)

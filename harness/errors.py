@@ -7,12 +7,18 @@ the pytest plugin can tell "the harness says something is wrong" from a Python b
      +-- ConfigError            bad option, missing binary, unusable accelerator
      +-- Qcow2FormatError       an image file that is not the qcow2 it should be
      +-- GoldenError            golden file problems (missing section, bad header)
+     +-- TranscriptError        a transcript line that would break its golden file
+     +-- ModelError             the model was told something impossible (unknown node...)
+     +-- UnmodelledCommand      a command that changes data or bitmaps the oracle cannot
+     |                          follow (refused before it is sent)
      +-- OracleFailure          a bitmap misses writes the model says it saw
+     +-- RestoreMismatch        a restored backup chain differs from its reference
      +-- ToolError              qemu-img / qemu-io / qemu-nbd exited non-zero
      +-- MachineError           anything about one QEMU process (carries its log tail)
           +-- LaunchError       QEMU exited or never connected while starting
           +-- MachineExitError  QEMU died (signal, non-zero status) when nobody asked
-          +-- QMPError          a QMP command QEMU answered with an error
+          +-- CommandError      a QMP command QEMU answered with an error
+          |                     (not qemu.qmp's QMPError, the library's own root)
           +-- MachineTimeout    an event, a job or a shutdown did not come in time
           +-- MachineStateError a call that needs a running VM on a stopped one
 
@@ -61,6 +67,26 @@ class OracleFailure(HarnessError, AssertionError):
 
 class GoldenError(HarnessError):
     """A golden file cannot be used as it is (missing section, duplicate header...)."""
+
+
+class TranscriptError(HarnessError, ValueError):
+    """A line given to a transcript would read as a golden section header."""
+
+
+class ModelError(HarnessError):
+    """The model was told something impossible (an unknown node or bitmap, a write
+    outside the disk): a harness or case bug, not a QEMU one."""
+
+
+class UnmodelledCommand(HarnessError):
+    """A command that moves data or changes bitmaps, which the oracle cannot follow.
+
+    Raised before the command is sent, so QEMU and the model stay in step; the message
+    names the command and says how to proceed (model it, or tell the oracle by hand)."""
+
+
+class RestoreMismatch(HarnessError, AssertionError):
+    """A restored backup chain differs from the source at the time of the backup."""
 
 
 def describe_status(status: int | None, running: bool = False) -> str:
@@ -148,17 +174,24 @@ class MachineStateError(MachineError):
     """A call that needs a running VM was made on one that is not running."""
 
 
-class QMPError(MachineError):
+class CommandError(MachineError):
     """QEMU answered a QMP command with an error; keeps what was sent and received."""
 
     def __init__(self, vm: str, sent: dict[str, Any], received: dict[str, Any],
-                 argv: Sequence[str] = (), log_tail: str = "") -> None:
+                 argv: Sequence[str] = (), log_tail: str = "",
+                 expected: str | None = None) -> None:
         self.sent = sent
         self.received = received
+        self.expected = expected
         err = received.get("error", {})
         self.error_class: str = str(err.get("class", "?"))
         self.desc: str = str(err.get("desc", "?"))
-        super().__init__(
-            vm, f"{sent.get('execute')} failed: {self.error_class}: {self.desc}\n"
-            f"  sent: {sent}\n  received: {received}", argv, None, log_tail
-        )
+        if expected is None:
+            what = f"{sent.get('execute')} failed: {self.error_class}: {self.desc}"
+        elif "error" not in received:
+            what = f"{sent.get('execute')} succeeded, but the case expected an error ({expected})"
+        else:
+            what = (f"{sent.get('execute')} failed with {self.error_class}: {self.desc}, "
+                    f"but the case expected {expected!r}")
+        super().__init__(vm, f"{what}\n  sent: {sent}\n  received: {received}", argv, None,
+                         log_tail)

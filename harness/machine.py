@@ -25,24 +25,25 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError as LibQMPError
 
 from harness.errors import (
+    CommandError,
     ConfigError,
     LaunchError,
     MachineError,
     MachineExitError,
     MachineStateError,
     MachineTimeout,
-    QMPError,
 )
 from harness.processes import (
     REGISTRY,
@@ -57,30 +58,25 @@ from harness.transcript import Transcript
 
 SOCKET_PATH_MAX = 107
 LAUNCH_TIMEOUT = 30.0
-JOB_EVENTS = (
-    "JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
-    "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "BLOCK_JOB_PENDING",
-)
 
 EventMatch = Callable[[dict[str, Any]], bool]
 
 
-def blockdev(options: dict[str, Any]) -> list[str]:
-    """``-blockdev`` arguments in JSON form, so any option tree can be given as a dict."""
-    return ["-blockdev", json.dumps(options)]
+def qmp_names(kw: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level keyword names as QMP spells them: ``_`` becomes ``-``."""
+    return {k.replace("_", "-"): v for k, v in kw.items()}
 
 
-def qcow2_node(path: str | Path, node: str, read_only: bool = False,
-               **extra: Any) -> dict[str, Any]:
-    """Options for a qcow2 node over a file node, as ``-blockdev`` or ``blockdev-add`` take."""
-    opts: dict[str, Any] = {
-        "driver": "qcow2", "node-name": node,
-        "file": {"driver": "file", "filename": str(path)},
-    }
-    if read_only:
-        opts["read-only"] = True
-    opts.update(extra)
-    return opts
+class Observer(Protocol):
+    """Who sees every command, event and life-cycle step of a Machine (the oracle)."""
+
+    def launched(self, vm: Machine) -> None: ...
+    def before_command(self, vm: Machine, cmd: str, args: dict[str, Any]) -> None: ...
+    def after_command(self, vm: Machine, cmd: str, args: dict[str, Any],
+                      reply: dict[str, Any]) -> None: ...
+    def event(self, vm: Machine, event: dict[str, Any]) -> None: ...
+    def before_shutdown(self, vm: Machine) -> None: ...
+    def exited(self, vm: Machine, clean: bool) -> None: ...
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -115,6 +111,7 @@ class Machine:
         log_prefix: str = "",
         qmp_timeout: float = 60.0,
         env: dict[str, str] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
         self.qemu = qemu
@@ -126,6 +123,7 @@ class Machine:
         self.log_prefix = log_prefix
         self.qmp_timeout = qmp_timeout
         self.env = env
+        self.observer = observer
         self._own_sockdir = sockdir is None
         self._sockdir = sockdir
         self.state = "new"
@@ -134,6 +132,7 @@ class Machine:
         self._client: QMPClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: list[dict[str, Any]] = []
+        self._unobserved: list[dict[str, Any]] = []
         self._commands: frozenset[str] | None = None
         self._qmp_log: IO[str] | None = None
         self._expect_exit = False
@@ -199,6 +198,7 @@ class Machine:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._events = []
+        self._unobserved = []
         self._commands = None
         self.exit_status = None
         self._expect_exit = False
@@ -234,6 +234,8 @@ class Machine:
             raise
         self.launches += 1
         self.state = "running"
+        if self.observer is not None:
+            self.observer.launched(self)
 
     async def _accept_or_exit(self) -> None:
         assert self._client is not None and self._proc is not None
@@ -261,6 +263,8 @@ class Machine:
             return self.exit_status
         unexpected = self._proc is not None and exited(self._proc)
         limit_hit = not unexpected and self._limit_hit()
+        if not unexpected and check and self.observer is not None:
+            self.observer.before_shutdown(self)
         deadline = time.monotonic() + timeout
         if not unexpected:
             with contextlib.suppress(Exception):
@@ -273,7 +277,7 @@ class Machine:
         if status is None:
             status = self._reap(kill=True)
             killed = True
-        self._finish(status)
+        self._finish(status, clean=status == 0 and not unexpected)
         if check and limit_hit:
             raise MachineError(self.name, self._limit_sentence(), self.argv, status,
                                tail(self.log_path))
@@ -340,11 +344,15 @@ class Machine:
             REGISTRY.forget(self._proc.pid)
         return status
 
-    def _finish(self, status: int | None) -> None:
+    def _finish(self, status: int | None, clean: bool = False) -> None:
+        """The process is gone: close the channels, then tell the observer (a clean
+        exit stored the persistent bitmaps; any other one left them as they were)."""
         self.exit_status = status
         self._debug(f"exited: status {status}")
         self._close_channels()
         self.state = "stopped"
+        if self.observer is not None:
+            self.observer.exited(self, clean)
 
     def _close_channels(self) -> None:
         if (self._client is not None and self._loop is not None
@@ -409,15 +417,29 @@ class Machine:
         self._events.append(ev)
         if self._qmp_log is not None:
             self._qmp_log.write(f"{time.monotonic():.6f} <- {json.dumps(ev)}\n")
+        self._unobserved.append(ev)
 
-    def qmp_raw(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Run a command and return QEMU's reply message (``return`` or ``error``)."""
+    def _notify(self) -> None:
+        """Hand the observer the events received so far, in order. Called between
+        commands, never inside one: an event that arrives with a reply (a job that fails
+        at once) must reach the observer after the command that started the job."""
+        while self._unobserved:
+            ev = self._unobserved.pop(0)
+            if self.observer is not None:
+                self.observer.event(self, ev)
+
+    def execute(self, cmd: str, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The QMP channel itself: send one command, return QEMU's reply message
+        (``return`` or ``error``). Nobody else sees it: no observer, no transcript. For
+        the harness's own reads (the oracle's NBD view); cases use :meth:`qmp`."""
         self._require_running(cmd)
         self.check_alive()
+        args = dict(args or {})
         if cmd == "quit":
             self._expect_exit = True  # the case asked for it: an exit is not a death
         sent: dict[str, Any] = {"execute": cmd, **({"arguments": args} if args else {})}
         assert self._qmp_log is not None
+        self._drain_events()
         self._qmp_log.write(f"{time.monotonic():.6f} -> {json.dumps(sent)}\n")
         try:
             result = self._run(self._client_execute(cmd, args), self.qmp_timeout)
@@ -436,6 +458,25 @@ class Machine:
         self._drain_events()
         return reply
 
+    def qmp_raw(self, cmd: str, arguments: Mapping[str, Any] | None = None, /,
+                **kw: Any) -> dict[str, Any]:
+        """Run a command the observer sees; return the reply message, errors included.
+
+        Keyword names are QMP names with ``-`` written ``_`` (``job_id=`` is
+        ``"job-id"``), as in QEMU's own Python; for a name that really has an ``_``,
+        pass the arguments as a dict (sent as they are), alone or with keywords."""
+        args = {**dict(arguments or {}), **qmp_names(kw)}
+        self._require_running(cmd)
+        self._drain_events()
+        self._notify()
+        if self.observer is not None:
+            self.observer.before_command(self, cmd, args)
+        reply = self.execute(cmd, args)
+        if self.observer is not None:
+            self.observer.after_command(self, cmd, args, reply)
+        self._notify()
+        return reply
+
     def _drain_events_safely(self) -> None:
         with contextlib.suppress(Exception):
             self._drain_events()
@@ -448,21 +489,46 @@ class Machine:
         raise MachineExitError(self.name, f"QMP connection lost during {cmd} ({err!r})",
                                self.argv, status, tail(self.log_path)) from err
 
-    def qmp(self, cmd: str, **args: Any) -> Any:
-        """Run a command and return its result; an error reply raises QMPError."""
-        reply = self.qmp_raw(cmd, **args)
+    def qmp(self, cmd: str, arguments: Mapping[str, Any] | None = None, /,
+            **kw: Any) -> Any:
+        """Run a command and return its result; an error reply raises CommandError."""
+        args = {**dict(arguments or {}), **qmp_names(kw)}
+        reply = self.qmp_raw(cmd, args)
         if "error" in reply:
-            sent = {"execute": cmd, "arguments": args}
-            raise QMPError(self.name, sent, reply, self.argv, tail(self.log_path))
+            raise CommandError(self.name, {"execute": cmd, "arguments": args}, reply,
+                               self.argv, tail(self.log_path))
         return reply["return"]
 
-    def qmp_log(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Run a command, write it and QEMU's reply to the transcript, return the reply."""
+    def qmp_log(self, cmd: str, arguments: Mapping[str, Any] | None = None, /, *,
+                expect_error: str | bool = False, check: bool = True,
+                **kw: Any) -> dict[str, Any]:
+        """Run a command, show it and QEMU's reply in the transcript, return the reply.
+
+        An error reply raises CommandError (after it is in the transcript), unless the
+        case expects one: ``expect_error=True``, or the error class or a piece of its
+        message (``expect_error="read-only"``); then a success raises instead. With
+        ``check=False`` either reply is returned (QEMU's answer is what is recorded)."""
+        args = {**dict(arguments or {}), **qmp_names(kw)}
         if self.transcript is not None:
             self.transcript.qmp_command(cmd, args, self.log_prefix)
-        reply = self.qmp_raw(cmd, **args)
+        reply = self.qmp_raw(cmd, args)
         if self.transcript is not None:
             self.transcript.qmp_reply(reply, self.log_prefix)
+        sent = {"execute": cmd, "arguments": args}
+        if not check:
+            return reply
+        if "error" in reply and not expect_error:
+            raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path))
+        if expect_error:
+            err = reply.get("error")
+            if err is None:
+                raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path),
+                                   expected=str(expect_error))
+            if isinstance(expect_error, str) and expect_error not in (
+                    str(err.get("class")), str(err.get("desc"))) and \
+                    expect_error not in str(err.get("desc")):
+                raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path),
+                                   expected=expect_error)
         return reply
 
     def undo(self, cmd: str, **args: Any) -> None:
@@ -472,69 +538,55 @@ class Machine:
         signal and log tail, a timeout) has been raised already and is the error to report.
         A VM that died since raises that death (MachineExitError), not "is not running".
         While another exception is on its way out, an error reply to the undo is only
-        logged, so that exception stays the one reported.
+        logged, so that exception stays the one reported. It goes on the raw channel
+        (:meth:`execute`): undoing the harness's own steps is nothing the oracle follows.
         """
         if self.state != "running":
             self._debug(f"{cmd} skipped: the VM is {self.state}")
             return
-        try:
-            self.qmp(cmd, **args)
-        except QMPError as e:
-            if e.__context__ is None:  # nothing else on its way out: this is the error
-                raise
+        sent = qmp_names(args)
+        reply = self.execute(cmd, sent)
+        if "error" in reply:
+            e = CommandError(self.name, {"execute": cmd, "arguments": sent}, reply, self.argv)
+            if sys.exc_info()[1] is None:  # nothing else on its way out: this is the error
+                raise e
             self._debug(f"{cmd} failed while another error was raised: {e.desc}")
 
     def has_command(self, name: str) -> bool:
         """Whether this QEMU knows QMP command ``name`` (asked once per launch)."""
         if self._commands is None:
-            self._commands = frozenset(c["name"] for c in self.qmp("query-commands"))
+            reply = self.execute("query-commands")
+            self._commands = frozenset(c["name"] for c in reply.get("return", []))
         return name in self._commands
-
-    def blockdev_reopen(self, options: dict[str, Any], log: bool = True) -> dict[str, Any]:
-        """Reopen one node with new options: ``blockdev-reopen`` (6.1+, takes a list) or
-        ``x-blockdev-reopen`` (older, takes the options directly). Returns the reply."""
-        if self.has_command("blockdev-reopen"):
-            cmd, args = "blockdev-reopen", {"options": [options]}
-        elif self.has_command("x-blockdev-reopen"):
-            cmd, args = "x-blockdev-reopen", dict(options)
-        else:
-            raise MachineStateError(self.name, "this QEMU has neither blockdev-reopen nor "
-                                    "x-blockdev-reopen")
-        return self.qmp_log(cmd, **args) if log else self.qmp_raw(cmd, **args)
 
     def hmp(self, command_line: str) -> str:
         """A human monitor command through QMP; returns its text output."""
-        return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
+        return str(self.qmp("human-monitor-command", command_line=command_line))
 
-    def qemu_io(self, node: str, command: str, log: bool = False, device: bool = False,
-                check: bool = True) -> str:
-        """Run one qemu-io command on a node (or a device with ``device=True``) via HMP.
+    # -- conveniences that live in their own modules --------------------------------------
 
-        QEMU prints qemu-io's output on its stdout, not in the HMP reply, so the output is
-        what the VM log gained during the call. ``check`` raises when qemu-io reports a
-        failed request (QEMU itself exits 0 either way).
-        """
-        target = f"-d {node}" if device else node
-        quoted = command.replace("\\", "\\\\").replace('"', '\\"')
-        before = self.log_path.stat().st_size if self.log_path.exists() else 0
-        reply = self.hmp(f'qemu-io {target} "{quoted}"')
-        with open(self.log_path, "rb") as f:
-            f.seek(before)
-            out = reply + f.read().decode(errors="replace")
-        if log and self.transcript is not None:
-            self.transcript.log(f"{self.log_prefix}qemu-io {node}: {command}")
-            if out.strip():
-                self.transcript.log(out)
-        if check:
-            # the HMP reply is empty on success: anything there is an error of the
-            # monitor command itself (unknown node, permission conflict)
-            failed = [ln for ln in reply.splitlines() if ln.strip()]
-            failed += [ln for ln in out.splitlines() if "failed" in ln]
-            if failed:
-                why = f"; {self._limit_sentence()}" if self._limit_hit() else ""
-                raise MachineError(self.name, f"qemu-io {node} {command!r}: {failed[0]}{why}",
-                                   self.argv, None, tail(self.log_path))
-        return out
+    def limit_note(self) -> str:
+        """``"; <why>"`` when QEMU hit the file-size limit (a failed write's likely
+        cause), else ``""``."""
+        return f"; {self._limit_sentence()}" if self._limit_hit() else ""
+
+    def run_job(self, job_id: str, **kw: Any) -> str | None:
+        """:func:`harness.jobs.run_job` on this VM."""
+        from harness.jobs import run_job
+
+        return run_job(self, job_id, **kw)
+
+    def qemu_io(self, target: str, command: str, **kw: Any) -> str:
+        """:func:`harness.block.qemu_io` on this VM."""
+        from harness.block import qemu_io
+
+        return qemu_io(self, target, command, **kw)
+
+    def blockdev_reopen(self, options: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """:func:`harness.block.blockdev_reopen` on this VM."""
+        from harness.block import blockdev_reopen
+
+        return blockdev_reopen(self, options, **kw)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -542,6 +594,7 @@ class Machine:
         """Take (and forget) the events received so far, optionally only some names."""
         self._require_running("events")
         self._drain_events()
+        self._notify()
         wanted = None if names is None else set(names)
         taken = [e for e in self._events if wanted is None or e["event"] in wanted]
         self._events = [e for e in self._events if e not in taken]
@@ -561,6 +614,7 @@ class Machine:
         while True:
             for i, ev in enumerate(self._events):
                 if ev["event"] in wanted and (match is None or match(ev)):
+                    self._notify()
                     return self._events.pop(i)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -578,100 +632,3 @@ class Machine:
     async def _next_event(self) -> Any:
         assert self._client is not None
         return await self._client.events.get()
-
-    # -- block jobs -----------------------------------------------------------------------
-
-    def run_job(
-        self,
-        job_id: str,
-        *,
-        complete: bool = False,
-        cancel: bool = False,
-        auto_finalize: bool = True,
-        auto_dismiss: bool = True,
-        timeout: float = 120.0,
-        log: bool = True,
-        on_ready: Callable[[], None] | None = None,
-    ) -> str | None:
-        """Drive a started job to its end; return its error message or None.
-
-        ``complete`` sends ``job-complete`` when the job is ready (mirror, active commit),
-        after ``on_ready`` has run (e.g. guest writes while the job mirrors them);
-        ``cancel`` sends ``job-cancel`` instead. Pass the job's own ``auto-finalize`` and
-        ``auto-dismiss`` settings (QEMU's defaults are true): a job that waits for them is
-        finalized or dismissed here. With ``log`` the
-        BLOCK_JOB_* events and a summary of the status changes go to the transcript.
-        """
-        def ours(ev: dict[str, Any]) -> bool:
-            data = ev.get("data", {})
-            return bool(data.get("id", data.get("device")) == job_id)
-
-        statuses: list[str] = []
-        error: str | None = None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                ev = self.event_wait(JOB_EVENTS, timeout=max(left, 0.0), match=ours)
-            except MachineTimeout as e:
-                last = statuses[-1] if statuses else "no status change seen"
-                hint = (" (a ready job waits for job-complete: pass complete=True)"
-                        if last == "ready" else "")
-                raise MachineTimeout(self.name, f"job {job_id} did not finish within "
-                                     f"{timeout:g} s; last status: {last}{hint}",
-                                     self.argv, None, e.log_tail) from None
-            if ev["event"] != "JOB_STATUS_CHANGE":
-                # BLOCK_JOB_* events come right after their status change: log, then act,
-                # so the transcript shows READY before the job-complete it triggers
-                if log and self.transcript is not None:
-                    self.transcript.event(ev, self.log_prefix)
-                # an auto-dismissed job is gone from query-jobs by the time it concludes
-                if (ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-                        and "error" in ev.get("data", {})):
-                    error = str(ev["data"]["error"])
-                if ev["event"] == "BLOCK_JOB_READY":
-                    if on_ready is not None:
-                        on_ready()
-                    if cancel:
-                        self._job_cmd("job-cancel", job_id, log)
-                    elif complete:
-                        self._job_cmd("job-complete", job_id, log)
-                elif ev["event"] == "BLOCK_JOB_PENDING" and not auto_finalize:
-                    self._job_cmd("job-finalize", job_id, log)
-                continue
-            status = ev["data"]["status"]
-            statuses.append(status)
-            if status == "concluded":
-                for job in self.qmp("query-jobs"):
-                    if job["id"] == job_id and "error" in job and error is None:
-                        error = str(job["error"])
-                if not auto_dismiss:
-                    self._job_cmd("job-dismiss", job_id, log)
-            elif status == "null":
-                break
-        if log and self.transcript is not None:
-            summary = " -> ".join(_summarise(statuses))
-            self.transcript.log(f"{self.log_prefix}job {job_id}: {summary}")
-        return error
-
-    def _job_cmd(self, cmd: str, job_id: str, log: bool) -> None:
-        if log and self.transcript is not None:
-            self.transcript.qmp_command(cmd, {"id": job_id}, self.log_prefix)
-        self.qmp(cmd, id=job_id)
-
-
-def _summarise(statuses: list[str]) -> list[str]:
-    """Status changes without the pauses that drains cause at random.
-
-    A drain moves a running job to ``paused`` and a ready one to ``standby`` and back; how
-    many times depends on timing (it differs between QEMU 7.2 and 10.0), so those states
-    are dropped and the repeats they leave are folded.
-    """
-    out: list[str] = []
-    for s in statuses:
-        if s in ("paused", "standby"):
-            continue
-        if out and out[-1] == s:
-            continue
-        out.append(s)
-    return out

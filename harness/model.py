@@ -18,7 +18,9 @@ The check rule (``verdict``):
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from harness.errors import ModelError
 
 Range = tuple[int, int]  # (offset, length) in guest bytes
 
@@ -120,9 +122,22 @@ class ModelBitmap:
     recording: bool = True
     persistent: bool = False
     seen: Extents = field(default_factory=Extents)
+    #: why this bitmap's exact ranges differ from run to run (shown instead of them)
+    varies: str | None = None
 
     def required(self, size: int) -> Extents:
         return self.seen.rounded(self.granularity, size)
+
+    def copy(self) -> ModelBitmap:
+        return replace(self, seen=self.seen.copy())
+
+    def verdict(self, node: str, size: int, actual: Iterable[Range],
+                inconsistent: bool = False) -> Verdict:
+        """This bitmap (on ``node`` of ``size`` bytes) against what QEMU shows."""
+        required = self.required(size)
+        got = Extents(actual)
+        return Verdict(node, self.name, inconsistent, required.minus(got), got.minus(required),
+                       required, got, size, self.varies)
 
 
 @dataclass
@@ -150,6 +165,7 @@ class Verdict:
     required: Extents
     actual: Extents
     size: int = 0
+    varies: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -160,6 +176,8 @@ class Verdict:
         if self.inconsistent:
             return f"{self.node}/{self.bitmap}: inconsistent (flagged by QEMU, must not be used)"
         state = "complete" if not self.missing else "INCOMPLETE"
+        if self.varies is not None:
+            return f"{self.node}/{self.bitmap}: {state} ({self.varies})"
         line = f"{self.node}/{self.bitmap}: {state}, dirty {format_ranges(self.actual)}"
         if self.missing:
             line += f", missing {format_ranges(self.missing)}"
@@ -193,10 +211,6 @@ class SyncBitmapJob:
 
 #: ``bitmap-mode`` values (QAPI BitmapSyncMode); ``sync=incremental`` means ``on-success``.
 BITMAP_SYNC_MODES = ("on-success", "always", "never")
-
-
-class ModelError(Exception):
-    """The case told the model something impossible (unknown node or bitmap)."""
 
 
 class Model:
@@ -245,7 +259,9 @@ class Model:
         self.bitmap(node, name).recording = True
 
     def clear(self, node: str, name: str) -> None:
-        self.bitmap(node, name).seen = Extents()
+        b = self.bitmap(node, name)
+        b.seen = Extents()
+        b.varies = None
 
     def merge(self, node: str, target: str, sources: Iterable[tuple[str, str]]) -> None:
         """OR each (node, bitmap) source into ``target``."""
@@ -325,6 +341,7 @@ class Model:
         if not synced:
             return  # the bitmap recorded the job-time writes itself
         b.seen = during.copy()
+        b.varies = None
         if not succeeded:
             size = self._node(job.node).size
             # a granule is clean only if all of it reached the target
@@ -335,9 +352,5 @@ class Model:
 
     def verdict(self, node: str, name: str, actual: Iterable[Range],
                 inconsistent: bool = False) -> Verdict:
-        n = self._node(node)
-        b = self.bitmap(node, name)
-        required = b.required(n.size)
-        got = Extents(actual)
-        return Verdict(node, name, inconsistent, required.minus(got), got.minus(required),
-                       required, got, n.size)
+        return self.bitmap(node, name).verdict(node, self._node(node).size, actual,
+                                               inconsistent)

@@ -10,7 +10,13 @@ other ``harness`` modules; the hooks here only connect it to pytest's phases:
   rootdir) and ``qiotests_cases`` (directories holding cases; the QEMU under test is probed
   at start only when a run includes one of them, so ``pytest tests`` never starts QEMU);
 * discovery once, in the controller, handed to xdist workers as JSON;
-* golden comparison right after each test body, ``--regen`` collected by the controller;
+* ``@pytest.mark.requires(qmp=[...], drivers=[...], node_bitmaps=[...])``, checked
+  before the test body: the one way a case skips, always with the probed reason;
+* after each passing body, the case context shuts down its VMs (the oracle checks them)
+  and writes the oracle's verdict; then the golden comparison; ``--regen`` collected by
+  the controller;
+* scratch dirs are pytest's ``tmp_path``, kept for failed tests only
+  (``tmp_path_retention_policy``; ``-o tmp_path_retention_policy=all`` keeps all);
 * the end-of-session check that no QEMU is left running;
 * reports: ``--artifacts DIR`` (``harness.artifacts``), the oracle's SVG
   (``harness.report``), annotations and a step summary under GitHub Actions
@@ -20,8 +26,7 @@ other ``harness`` modules; the hooks here only connect it to pytest's phases:
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -75,6 +80,10 @@ def _discover(config: pytest.Config) -> Environment:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires(qmp=[...], drivers=[...], node_bitmaps=[...]): skip the test, "
+        "saying why, unless the QEMU under test has these QMP commands, blockdev drivers "
+        "and 'command.argument' bitmap lists that take {node, name} references")
     if config.option.help or config.option.version:
         return  # --help and --version must work without a QEMU
     workerinput = getattr(config, "workerinput", None)
@@ -192,21 +201,55 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return config.stash[ENV_KEY].header_lines() if ENV_KEY in config.stash else []
 
 
-@pytest.fixture
-def qio_env(request: pytest.FixtureRequest) -> Environment:
-    """The QEMU under test; probed here only for a case outside ``qiotests_cases``."""
-    config = request.config
+def _environment(config: pytest.Config) -> Environment:
     if ENV_KEY not in config.stash:
         config.stash[ENV_KEY] = _discover(config)
     return config.stash[ENV_KEY]
 
 
+def unmet_requirements(env: Environment, qmp: Sequence[str] = (),
+                       drivers: Sequence[str] = (),
+                       node_bitmaps: Sequence[str] = ()) -> str | None:
+    """Why the QEMU under test cannot run a case (None if it can), from the probe."""
+    version = env.probe.version
+    missing = env.missing_commands(qmp)
+    if missing:
+        return f"QEMU {version} lacks QMP command(s) {', '.join(missing)}"
+    known = env.probe.blockdev_drivers()
+    absent = [d for d in drivers if d not in known]
+    if absent:
+        return f"QEMU {version} has no blockdev driver(s) {', '.join(absent)}"
+    for ref in node_bitmaps:
+        command, _, member = ref.partition(".")
+        if not env.probe.takes_node_bitmaps(command, member):
+            return (f"QEMU {version}: {command} '{member}' takes no {{node, name}} bitmap "
+                    "references")
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``requires`` markers, before any fixture runs: skip with the probed reason."""
+    for mark in item.iter_markers("requires"):
+        if mark.args:
+            raise pytest.UsageError(f"{item.nodeid}: requires() takes keywords only "
+                                    "(qmp=, drivers=, node_bitmaps=)")
+        reason = unmet_requirements(_environment(item.config), **mark.kwargs)
+        if reason is not None:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def qio_env(request: pytest.FixtureRequest) -> Environment:
+    """The QEMU under test; probed here only for a case outside ``qiotests_cases``."""
+    return _environment(request.config)
+
+
 @pytest.fixture
 def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) -> Iterator[Case]:
-    """The test's case context: scratch dir, transcript, qemu-img/qemu-io, VMs.
+    """The test's case context: scratch dir, transcript, qemu-img/qemu-io, VMs, oracle.
 
-    The scratch dir (pytest's tmp_path) of a passing test is removed unless
-    --keep-scratch; a failing test's stays for the report's paths to point into.
+    The scratch dir is pytest's tmp_path: with ``tmp_path_retention_policy = "failed"``
+    pytest keeps a failing test's for the report's paths to point into.
     """
     case = Case(qio_env, tmp_path)
     request.node.stash[CASE_KEY] = case
@@ -216,8 +259,6 @@ def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) ->
     problems = case.close(failed=failed)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
-    if not failed and not request.config.getoption("qio_keep"):
-        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -227,7 +268,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     case = item.stash.get(CASE_KEY, None)
     if case is None:
         return result
-    case.check_machines()
+    case.finish()
     golden = golden_path_for(Path(str(item.path)), expected_dir(item.config))
     name = section_name(item.nodeid)
     text = case.log.text()
@@ -301,8 +342,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="accelerator for qemu-system (auto: KVM when usable, else TCG)")
     group.addoption("--regen", dest="qio_regen", action="store_true",
                     help="rewrite the golden sections of the tests that run")
-    group.addoption("--keep-scratch", dest="qio_keep", action="store_true",
-                    help="keep every test's scratch dir (default: only failed tests')")
     group.addoption("--artifacts", dest="qio_artifacts", metavar="DIR",
                     help="for each failing test, copy its transcript, diff, QEMU and QMP "
                     "logs and report text into DIR/<test id>/ (for CI uploads)")

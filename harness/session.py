@@ -18,23 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
-from harness.bitmaps import (
-    HashLabels,
-    ImageBitmap,
-    LiveBitmap,
-    image_bitmaps,
-    live_bitmaps,
-    live_ranges,
-    ranges_count,
-    ranges_sha256,
-    sha256,
-)
-from harness.errors import HarnessError, OracleFailure
+from harness.bitmaps import HashLabels, ImageBitmap, LiveBitmap, image_bitmaps, live_bitmaps, sha256
+from harness.errors import HarnessError
 from harness.filters import path_filter
 from harness.machine import Machine, short_socket_dir
-from harness.model import Model, Verdict
+from harness.model import Verdict
+from harness.oracle import Oracle
 from harness.processes import REGISTRY
-from harness.qcow2 import Qcow2Image
 from harness.tools import QemuImg, QemuIO, QemuNBD
 from harness.transcript import Transcript
 
@@ -85,7 +75,8 @@ class Environment:
 
 
 class Case:
-    """Everything one test uses: scratch dir, socket dir, transcript, tools, VMs."""
+    """Everything one test uses: scratch dir, socket dir, transcript, tools, VMs, and the
+    oracle, which sees every VM's QMP traffic and every tool run (harness/oracle.py)."""
 
     def __init__(self, env: Environment, scratch: Path) -> None:
         self.env = env
@@ -100,7 +91,10 @@ class Case:
         self.nbd_servers: list[QemuNBD] = []
         self._pids_before = {pid for pid, _ in REGISTRY.alive()}
         self.hashes = HashLabels()
-        self.model = Model()
+        self.oracle = Oracle(self.scratch, self.img, self.log,
+                             sha256=env.probe.has_command("x-debug-block-dirty-bitmap-sha256"))
+        self.img.observer = self.oracle
+        self.io.observer = self.oracle
 
     @property
     def probe(self) -> Probe:
@@ -115,7 +109,8 @@ class Case:
         """A Machine (not launched yet) that is shut down when the test ends."""
         m = Machine(name, self.env.binaries.path("system"), scratch=self.scratch,
                     accel=self.env.accel, args=args, machine_type=machine_type,
-                    sockdir=self.sockdir, transcript=self.log, log_prefix=log_prefix, **kw)
+                    sockdir=self.sockdir, transcript=self.log, log_prefix=log_prefix,
+                    observer=self.oracle, **kw)
         self.machines.append(m)
         return m
 
@@ -148,86 +143,26 @@ class Case:
             self.log.log(f"{where}: {b.describe()}")
         return found
 
-    def write(self, vm: Machine, node: str, offset: int, length: int, pattern: int = 0x5A,
-              device: str | None = None) -> None:
-        """A guest write through ``device`` (or straight to ``node``), told to the model.
-
-        ``node`` is the node the data lands in (the active layer); the model marks the
-        recording bitmaps of that node. The write is logged to the transcript.
-        """
-        cmd = f"write -P {pattern:#x} {offset:#x} {length:#x}"
-        vm.qemu_io(device or node, cmd, log=True, device=device is not None)
-        self.model.write(node, offset, length)
-
     def check_live(self, vm: Machine, node: str, names: Sequence[str] | None = None,
                    where: str = "live") -> list[Verdict]:
-        """Compare each bitmap the model has on ``node`` with QEMU's live view.
+        """An explicit mid-scenario check: :meth:`Oracle.check_live`."""
+        return self.oracle.check_live(vm, node, names, where)
 
-        Logs one verdict line per bitmap; fails the test when a bitmap that QEMU does not
-        flag inconsistent misses writes the model recorded.
-        """
-        live = {b.name: b for b in live_bitmaps(vm, node)}
-        verdicts = []
-        for name in names if names is not None else sorted(self.model.nodes[node].bitmaps):
-            if name not in live:
-                raise OracleFailure(f"bitmap {name!r} on {node!r} ({where}) is gone: QEMU "
-                                    f"has {sorted(live) or 'no bitmaps'}")
-            b = live[name]
-            ranges = [] if b.inconsistent else live_ranges(vm, node, name, self.img)
-            if not b.inconsistent:
-                self._views_agree(vm, node, b, ranges, where)
-            verdicts.append(self.model.verdict(node, name, ranges, b.inconsistent))
-        return self._judge(verdicts, where)
-
-    def _views_agree(self, vm: Machine, node: str, b: LiveBitmap,
-                     ranges: list[tuple[int, int]], where: str) -> None:
-        """QEMU's count and hash must describe the same bits as the NBD view."""
-        problems = []
-        if ranges_count(ranges, b.granularity) != b.count:
-            problems.append(f"count {b.count} but the NBD view has "
-                            f"{ranges_count(ranges, b.granularity)} dirty bytes")
-        if self.probe.has_command("x-debug-block-dirty-bitmap-sha256"):
-            size = self.model.nodes[node].size
-            if sha256(vm, node, b.name) != ranges_sha256(ranges, b.granularity, size):
-                problems.append("its sha256 does not match the bits of the NBD view")
-        if problems:
-            raise OracleFailure(f"bitmap {b.name!r} on {node!r} ({where}): QEMU's views "
-                                f"disagree: {'; '.join(problems)}")
-
-    def check_disk(self, image: str | Path, node: str, names: Sequence[str] | None = None,
+    def check_disk(self, image: str | Path, names: Sequence[str] | None = None,
                    where: str = "on disk") -> list[Verdict]:
-        """Compare the model with the bitmaps stored in a closed qcow2 image (read directly
-        from the file, no QEMU involved); ``in_use`` on disk counts as inconsistent."""
-        qimg = Qcow2Image.open(self.scratch / image)
-        stored = {b.name: b for b in qimg.bitmaps}
-        verdicts = []
-        for name in names if names is not None else sorted(
-                n for n, b in self.model.nodes[node].bitmaps.items() if b.persistent):
-            if name not in stored:
-                raise OracleFailure(f"persistent bitmap {name!r} of {node!r} is not stored in "
-                                    f"{Path(image).name} ({where}); stored: "
-                                    f"{sorted(stored) or 'none'}")
-            b = stored[name]
-            inconsistent = not b.usable
-            ranges = [] if inconsistent else b.dirty_ranges()
-            verdicts.append(self.model.verdict(node, name, ranges, inconsistent))
-        return self._judge(verdicts, where)
+        """An explicit check of a closed image: :meth:`Oracle.check_disk`."""
+        return self.oracle.check_disk(image, names, where)
 
-    def _judge(self, verdicts: list[Verdict], where: str) -> list[Verdict]:
-        for v in verdicts:
-            self.log.log(f"oracle ({where}): {v.describe()}")
-        bad = [v.failure(where) for v in verdicts if not v.ok]
-        if bad:
-            raise OracleFailure("\n".join(bad), verdicts)
-        return verdicts
-
-    def require_commands(self, *commands: str) -> None:
-        """Skip the test, saying why, when the QEMU under test lacks a QMP command."""
-        missing = self.env.missing_commands(commands)
-        if missing:
-            import pytest
-
-            pytest.skip(f"QEMU {self.probe.version} lacks QMP command(s) {', '.join(missing)}")
+    def finish(self) -> None:
+        """The end of a passing test body: shut down the VMs still running (the oracle
+        checks them live before and on disk after), then the oracle's verdict line."""
+        self.check_machines()
+        for m in self.machines:
+            if m.state == "running":
+                m.shutdown()
+        verdict = self.oracle.summary()
+        if verdict is not None:
+            self.log.log(verdict)
 
     def check_machines(self) -> None:
         """Raise if a VM of this test died without being asked to, or hit the file-size

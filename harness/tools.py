@@ -15,10 +15,11 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from harness import processes
 from harness.errors import ToolError, format_argv
@@ -42,14 +43,25 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+class ToolObserver(Protocol):
+    """Who sees every tool run (the oracle follows qemu-img bitmap, qemu-io writes)."""
+
+    def before_tool(self, tool: str, args: Sequence[str]) -> None: ...
+    def tool_ran(self, tool: str, args: Sequence[str], result: Result) -> None: ...
+
+
 class Tool:
     """One QEMU command-line program run in a scratch directory."""
+
+    role = "tool"
 
     def __init__(self, path: str, scratch: Path, transcript: Transcript | None = None) -> None:
         self.path = path
         self.scratch = Path(scratch)
         self.transcript = transcript
         self.name = Path(path).name
+        #: who sees every run (the oracle): ``before_tool`` may refuse one
+        self.observer: ToolObserver | None = None
 
     def _debug(self, text: str) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -60,6 +72,8 @@ class Tool:
             timeout: float = TOOL_TIMEOUT) -> Result:
         """Run the program with ``args`` (cwd = scratch); raise ToolError on failure."""
         argv = [self.path, *args]
+        if self.observer is not None:
+            self.observer.before_tool(self.role, args)
         try:
             cp = processes.run(argv, timeout, label=self.name, cwd=self.scratch, env=tool_env())
         except OSError as e:
@@ -75,6 +89,8 @@ class Tool:
                     f"  stdout:\n{cp.stdout}  stderr:\n{cp.stderr}")
         assert cp.status is not None
         res = Result(argv, cp.status, cp.stdout, cp.stderr)
+        if self.observer is not None:
+            self.observer.tool_ran(self.role, args, res)
         if log and self.transcript is not None:
             self.transcript.log(f"$ {self.name} {' '.join(args)}")
             out = (cp.stdout + cp.stderr).rstrip("\n")
@@ -89,6 +105,8 @@ class Tool:
 
 class QemuImg(Tool):
     """qemu-img with JSON helpers."""
+
+    role = "qemu-img"
 
     def json(self, *args: str, check: bool = True) -> Any:
         res = self.run(*args, "--output=json", check=check)
@@ -140,6 +158,8 @@ class QemuImg(Tool):
 
 class QemuIO(Tool):
     """qemu-io, one process per call, commands given with -c."""
+
+    role = "qemu-io"
 
     def io(self, image: str | Path, *commands: str, fmt: str | None = "qcow2",
            image_opts: bool = False, force_share: bool = False, check: bool = True,

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from harness.errors import TranscriptError
 from harness.filters import DEFAULT_TEXT_FILTERS, TextFilter, apply, strip_timestamp
 from harness.golden import is_section_header
 
@@ -50,7 +51,8 @@ class Transcript:
         """Add text (may be several lines), filtered."""
         for line in apply(self.filters, text).rstrip("\n").split("\n"):
             if is_section_header(line):
-                raise ValueError(f"transcript line looks like a golden section header: {line!r}")
+                raise TranscriptError(
+                    f"transcript line looks like a golden section header: {line!r}")
             self._lines.append(line.rstrip())
 
     def heading(self, title: str) -> None:

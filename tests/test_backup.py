@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.actions import writes
 from harness.backup import (
     Chain,
     Reference,
-    RestoreMismatch,
-    check_sync_bitmap,
     compare,
     completed_job_size,
     create_target,
@@ -32,9 +31,10 @@ from harness.backup import (
     target_node,
     verify_restore,
 )
-from harness.errors import OracleFailure
-from harness.machine import Machine, blockdev, qcow2_node
-from harness.model import Extents, Model, ModelError, SyncBitmapJob
+from harness.block import blockdev, qcow2_node
+from harness.errors import ModelError, OracleFailure, RestoreMismatch
+from harness.machine import Machine
+from harness.model import Extents, Model, SyncBitmapJob
 from harness.session import Case, Environment
 
 MiB = 1 << 20
@@ -169,37 +169,37 @@ class Setup:
     ref: Reference
 
 
-def one_incremental(case: Case, mode: str = "on-success", tell_model: bool = True) -> Setup:
-    """src with data; full backup; bitmap b; writes; one incremental into inc1.qcow2."""
+def one_incremental(case: Case, mode: str = "on-success", seen: bool = True) -> Setup:
+    """src with data; full backup; bitmap b; writes; one incremental into inc1.qcow2.
+
+    With ``seen=False`` the incremental is sent on the raw QMP channel, so the oracle
+    never learns that the job cleared b."""
     case.img.create("src.qcow2", SIZE)
-    case.model.node("drive0", SIZE)
     vm = case.vm(args=blockdev(qcow2_node(case.path("src.qcow2"), "drive0")),
                  machine_type="none")
     vm.launch()
-    case.write(vm, "drive0", 0, MiB, pattern=0x11)
+    writes(vm, "drive0", [(0, MiB)], 0x11)
     create_target(case.img, "full.qcow2", SIZE)
-    vm.qmp("blockdev-add", **target_node(case.path("full.qcow2"), "full"))
+    vm.qmp("blockdev-add", target_node(case.path("full.qcow2"), "full"))
     vm.qmp("transaction", actions=[
         {"type": "block-dirty-bitmap-add", "data": {"node": "drive0", "name": "b"}},
         {"type": "blockdev-backup", "data": {"job-id": "j0", "device": "drive0",
                                              "target": "full", "sync": "full",
                                              "auto-dismiss": False}}])
-    case.model.add_bitmap("drive0", "b")
-    assert vm.run_job("j0", auto_dismiss=False, log=False) is None
-    vm.qmp("blockdev-del", **{"node-name": "full"})
-    case.write(vm, "drive0", 0x208000, 0x10000, pattern=0x22)   # clusters 0x200000-0x220000
-    case.write(vm, "drive0", 0x3F0000, 0x200, pattern=0x22)
+    assert vm.run_job("j0", log=False) is None
+    vm.qmp("blockdev-del", node_name="full")
+    writes(vm, "drive0", [(0x208000, 0x10000), (0x3F0000, 0x200)], 0x22)
     ref = reference(case, vm, "drive0", "src.qcow2", 1)
     create_target(case.img, "inc1.qcow2", SIZE, backing="full.qcow2")
-    vm.qmp("blockdev-add", **target_node(case.path("inc1.qcow2"), "inc1"))
-    vm.qmp("blockdev-backup", **{"job-id": "j1", "device": "drive0", "target": "inc1",
-                                 "sync": "bitmap", "bitmap": "b", "bitmap-mode": mode,
-                                 "auto-dismiss": False})
-    job = case.model.backup_begin("drive0", "b") if tell_model else None
-    assert vm.run_job("j1", auto_dismiss=False, log=False) is None
-    vm.qmp("blockdev-del", **{"node-name": "inc1"})
-    if job is not None:
-        case.model.backup_end(job, "on-success", True)
+    vm.qmp("blockdev-add", target_node(case.path("inc1.qcow2"), "inc1"))
+    args = {"job-id": "j1", "device": "drive0", "target": "inc1", "sync": "bitmap",
+            "bitmap": "b", "bitmap-mode": mode, "auto-dismiss": False}
+    if seen:
+        vm.qmp("blockdev-backup", args)
+    else:
+        assert "return" in vm.execute("blockdev-backup", args)
+    assert vm.run_job("j1", log=False) is None
+    vm.qmp("blockdev-del", node_name="inc1")
     return Setup(vm, Chain(("full.qcow2", "inc1.qcow2")), ref)
 
 
@@ -248,24 +248,29 @@ def test_expect_incomplete_refuses_a_complete_chain(case: Case) -> None:
 
 def test_a_clear_the_model_was_not_told_about_is_caught(case: Case) -> None:
     """The job cleared b (on-success), but the model still requires the old bits."""
-    s = one_incremental(case, tell_model=False)
+    s = one_incremental(case, seen=False)
     with pytest.raises(OracleFailure, match=r"missing \[0x200000\+0x20000, 0x3f0000\+0x10000\]"):
-        check_sync_bitmap(case, s.vm, "drive0", ["b"], "after backup 1")
+        case.oracle.check_exact(s.vm, "drive0", ["b"], "after backup 1")
+    s.vm.kill()
 
 
 def test_a_clear_that_did_not_happen_is_caught(case: Case) -> None:
-    """The job ran with bitmap-mode=never, the model is told on-success: QEMU's bitmap
-    keeps bits the model says were cleared; the exact check fails on the extras."""
+    """The job ran with bitmap-mode=never, but the model is made to believe the bits were
+    cleared (an explicit edit of the model): QEMU's bitmap keeps bits the model says
+    were cleared; the exact check fails on the extras."""
     s = one_incremental(case, mode="never")
+    case.oracle.model(s.vm).clear("drive0", "b")
     with pytest.raises(OracleFailure, match=r"model says the backup cleared: extra "
                                             r"\[0x200000\+0x20000, 0x3f0000\+0x10000\]"):
-        check_sync_bitmap(case, s.vm, "drive0", ["b"], "after backup 1")
+        case.oracle.check_exact(s.vm, "drive0", ["b"], "after backup 1")
+    s.vm.kill()
 
 
 def test_summary_mode_checks_the_same_and_hides_ranges(case: Case) -> None:
-    s = one_incremental(case, tell_model=False)
+    s = one_incremental(case, seen=False)
+    case.oracle.ranges_vary(s.vm, "drive0", "b", "they vary")
     with pytest.raises(OracleFailure, match=r"missing \[0x200000\+0x20000"):
-        check_sync_bitmap(case, s.vm, "drive0", ["b"], "after backup 1",
-                          ranges_vary="they vary")
+        case.oracle.check_exact(s.vm, "drive0", ["b"], "after backup 1")
+    s.vm.kill()
     assert case.log.text().splitlines()[-1] == (
         "oracle (after backup 1): drive0/b: INCOMPLETE (they vary)")

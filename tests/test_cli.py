@@ -86,7 +86,7 @@ def test_pytest_unknown_option_is_pytests_usage_error() -> None:
 def test_pytest_options_are_documented(qemu_system: str) -> None:
     cp = run([str(BIN / "pytest"), "--help"])
     assert cp.returncode == 0
-    for option in ("--qemu-build=DIR", "--accel", "--regen", "--keep-scratch",
+    for option in ("--qemu-build=DIR", "--accel", "--regen",
                    *(r.option + "=PATH" for r in ROLES)):
         assert option in cp.stdout, option
 

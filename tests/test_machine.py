@@ -18,13 +18,13 @@ import pytest
 
 from harness import machine as machine_mod
 from harness.errors import (
+    CommandError,
     ConfigError,
     LaunchError,
     MachineError,
     MachineExitError,
     MachineStateError,
     MachineTimeout,
-    QMPError,
 )
 from harness.machine import Machine, short_socket_dir
 from harness.processes import REGISTRY
@@ -211,7 +211,7 @@ def test_context_manager_stops_qemu_when_the_body_fails(qemu_system: str,
 
 
 def test_qmp_error_keeps_what_was_sent_and_received(vm: Machine) -> None:
-    with pytest.raises(QMPError) as ei:
+    with pytest.raises(CommandError) as ei:
         vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
     e = ei.value
     assert e.error_class == "GenericError"
@@ -227,7 +227,7 @@ def test_qmp_error_keeps_what_was_sent_and_received(vm: Machine) -> None:
 
 
 def test_qmp_error_message_ends_with_the_command_line(vm: Machine) -> None:
-    with pytest.raises(QMPError) as ei:
+    with pytest.raises(CommandError) as ei:
         vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
     assert ei.value.argv == vm.argv
     assert f"command: {vm.qemu}" in str(ei.value)
@@ -254,17 +254,17 @@ def test_event_wait_gets_an_event_that_came_during_a_command(vm: Machine) -> Non
 
 
 def backup(vm: Machine, job: str, target: str, **extra: object) -> None:
-    vm.qmp_log("blockdev-backup", **{"job-id": job, "device": "src", "target": target,
-                                     "sync": "full", **extra})
+    vm.qmp_log("blockdev-backup", {"job-id": job, "device": "src", "target": target,
+                                   "sync": "full", **extra})
 
 
 @pytest.fixture
 def backup_vm(vm: Machine) -> Machine:
-    vm.qmp("blockdev-add", driver="null-co", **{"node-name": "src"}, size=1 << 20)
-    vm.qmp("blockdev-add", driver="null-co", **{"node-name": "tgt"}, size=1 << 20)
-    vm.qmp("blockdev-add", **{"driver": "blkdebug", "node-name": "eio",
-                              "image": {"driver": "null-co", "size": 1 << 20},
-                              "inject-error": [{"event": "pwritev", "errno": 5}]})
+    vm.qmp("blockdev-add", driver="null-co", node_name="src", size=1 << 20)
+    vm.qmp("blockdev-add", driver="null-co", node_name="tgt", size=1 << 20)
+    vm.qmp("blockdev-add", driver="blkdebug", node_name="eio",
+           image={"driver": "null-co", "size": 1 << 20},
+           inject_error=[{"event": "pwritev", "errno": 5}])
     return vm
 
 
@@ -272,7 +272,7 @@ def test_run_job_backup_logs_events_and_returns_none(backup_vm: Machine) -> None
     vm = backup_vm
     assert vm.transcript is not None
     backup(vm, "j0", "tgt", **{"auto-dismiss": False})
-    assert vm.run_job("j0", auto_dismiss=False) is None
+    assert vm.run_job("j0") is None
     backup(vm, "j1", "tgt")
     assert vm.run_job("j1") is None
     assert vm.qmp("query-jobs") == []
@@ -289,7 +289,7 @@ def test_run_job_backup_logs_events_and_returns_none(backup_vm: Machine) -> None
 
 def test_run_job_returns_the_error_of_a_failed_job(backup_vm: Machine) -> None:
     backup(backup_vm, "j0", "eio", **{"auto-dismiss": False})
-    assert backup_vm.run_job("j0", auto_dismiss=False) == "Input/output error"
+    assert backup_vm.run_job("j0") == "Input/output error"
 
 
 def test_run_job_returns_the_error_of_an_auto_dismissed_job(backup_vm: Machine) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.model import Extents, Model, ModelError, format_ranges
+from harness.errors import ModelError
+from harness.model import Extents, Model, format_ranges
 
 MiB = 1 << 20
 

@@ -1,7 +1,11 @@
 """The oracle against real QEMU, including the proof that it can fail.
 
-Writes are hidden from a bitmap on purpose (disabled over QMP without telling the model,
-cleared offline with qemu-img): the checks must fail and name the missing ranges.
+The oracle follows every command a case sends, so to hide writes from a bitmap on purpose
+these tests go around it: a disable sent on the raw QMP channel (``Machine.execute``,
+which the oracle does not see), a clear done offline behind its back. The checks must
+then fail and name the missing ranges. Also: a command the oracle cannot model is
+refused with one sentence before QEMU sees it, and a command QEMU refuses leaves the
+model as it was.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.actions import writes
 from harness.bitmaps import live_bitmaps, live_ranges, ranges_count, ranges_sha256, sha256
-from harness.errors import MachineExitError, OracleFailure, QMPError
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.block import blockdev, qcow2_node
+from harness.errors import CommandError, MachineExitError, OracleFailure, UnmodelledCommand
+from harness.machine import Machine
 from harness.session import Case, Environment
+from harness.tools import QemuImg
 
 MiB = 1 << 20
 
@@ -36,70 +43,77 @@ def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
 
 def start(case: Case) -> Machine:
     case.img.create("disk.qcow2", 8 * MiB)
-    case.model.node("drive0", 8 * MiB)
     vm = case.vm(args=blockdev(qcow2_node(case.path("disk.qcow2"), "drive0")),
                  machine_type="none")
     vm.launch()
     vm.qmp("block-dirty-bitmap-add", node="drive0", name="b", persistent=True)
-    case.model.add_bitmap("drive0", "b", persistent=True)
     return vm
+
+
+def write(vm: Machine, offset: int, length: int) -> None:
+    writes(vm, "drive0", [(offset, length)])
 
 
 def test_complete_bitmap_passes_live_and_on_disk(case: Case) -> None:
     vm = start(case)
-    case.write(vm, "drive0", 0x10000, 0x1000)
-    case.write(vm, "drive0", 0x7F0000, 0x10000)
+    write(vm, 0x10000, 0x1000)
+    write(vm, 0x7F0000, 0x10000)
     (v,) = case.check_live(vm, "drive0")
     assert list(v.actual) == [(0x10000, 0x10000), (0x7F0000, 0x10000)]
     vm.shutdown()
-    (d,) = case.check_disk("disk.qcow2", "drive0")
+    (d,) = case.check_disk("disk.qcow2")
     assert d.actual == v.actual
 
 
 def test_write_hidden_by_disable_is_caught_live_and_on_disk(case: Case) -> None:
     vm = start(case)
-    case.write(vm, "drive0", 0, 0x1000)
-    vm.qmp("block-dirty-bitmap-disable", node="drive0", name="b")
-    case.write(vm, "drive0", 0x300000, 0x20000)
+    write(vm, 0, 0x1000)
+    vm.execute("block-dirty-bitmap-disable", {"node": "drive0", "name": "b"})
+    write(vm, 0x300000, 0x20000)
     with pytest.raises(OracleFailure, match=r"missing \[0x300000\+0x20000\]"):
         case.check_live(vm, "drive0")
-    vm.shutdown()
+    with pytest.raises(OracleFailure, match=r"before shutdown.*missing \[0x300000\+0x20000\]"):
+        vm.shutdown()  # the automatic check before the shutdown fails, QEMU stays up
+    with pytest.raises(OracleFailure, match=r"after shutdown.*missing \[0x300000\+0x20000\]"):
+        vm.shutdown(check=False)  # QEMU stops; the automatic on-disk check fails
     with pytest.raises(OracleFailure, match=r"on disk.*missing \[0x300000\+0x20000\]"):
-        case.check_disk("disk.qcow2", "drive0")
+        case.check_disk("disk.qcow2")
 
 
 def test_offline_clear_is_caught(case: Case) -> None:
     vm = start(case)
-    case.write(vm, "drive0", 0x100000, 0x800)
+    write(vm, 0x100000, 0x800)
     vm.shutdown()
-    case.check_disk("disk.qcow2", "drive0")
-    case.img.run("bitmap", "--clear", "disk.qcow2", "b")
+    case.check_disk("disk.qcow2")
+    # behind the oracle's back: qemu-img not through the case's tool object
+    QemuImg(case.img.path, case.scratch).run("bitmap", "--clear", "disk.qcow2", "b")
     with pytest.raises(OracleFailure, match=r"missing \[0x100000\+0x10000\] \(65536 bytes\)"):
-        case.check_disk("disk.qcow2", "drive0")
+        case.check_disk("disk.qcow2")
 
 
 def test_crash_leaves_bitmap_inconsistent_not_incomplete(case: Case) -> None:
     vm = start(case)
     vm.shutdown()
     vm.launch()
-    case.write(vm, "drive0", 0, 0x1000)
+    write(vm, 0, 0x1000)
     vm.kill()
-    (v,) = case.check_disk("disk.qcow2", "drive0")
+    (v,) = case.check_disk("disk.qcow2")
     assert v.inconsistent and v.ok
 
 
 def test_removed_bitmap_is_reported(case: Case) -> None:
     vm = start(case)
-    vm.qmp("block-dirty-bitmap-remove", node="drive0", name="b")
+    vm.execute("block-dirty-bitmap-remove", {"node": "drive0", "name": "b"})
     with pytest.raises(OracleFailure, match=r"'b' on 'drive0' .* is gone"):
         case.check_live(vm, "drive0")
+    vm.kill()
 
 
 def test_views_must_agree(case: Case) -> None:
     """check_live cross-checks count and sha256 against the NBD ranges; a count that
     disagrees (as a broken QEMU or a broken NBD view would give) fails."""
     vm = start(case)
-    case.write(vm, "drive0", 0x20000, 0x20001)
+    write(vm, 0x20000, 0x20001)
     (b,) = live_bitmaps(vm, "drive0")
     ranges = live_ranges(vm, "drive0", "b", case.img)
     assert ranges == [(0x20000, 0x30000)]
@@ -107,8 +121,10 @@ def test_views_must_agree(case: Case) -> None:
     assert ranges_sha256(ranges, b.granularity, 8 * MiB) == sha256(vm, "drive0", "b")
     assert ranges_sha256(ranges[:0], b.granularity, 8 * MiB) != sha256(vm, "drive0", "b")
     wrong = dataclasses.replace(b, count=b.count - 0x10000)
+    node = case.oracle.model(vm).nodes["drive0"]
     with pytest.raises(OracleFailure, match="views disagree: count 131072"):
-        case._views_agree(vm, "drive0", wrong, ranges, "test")
+        case.oracle._views_agree(vm, node, "b", wrong.count, b.granularity, ranges, "test")
+    vm.shutdown()
 
 
 class _KillingImg:
@@ -143,7 +159,64 @@ def test_undo_keeps_the_error_on_its_way_out(case: Case) -> None:
             raise OracleFailure("the body")
         finally:
             vm.undo("block-dirty-bitmap-remove", node="drive0", name="no-such")
-    with pytest.raises(QMPError, match="no-such"):
+    with pytest.raises(CommandError, match="no-such"):
         vm.undo("block-dirty-bitmap-remove", node="drive0", name="no-such")
     vm.shutdown()
     vm.undo("block-dirty-bitmap-remove", node="drive0", name="b")  # stopped: nothing to undo
+
+
+def test_an_unmodelled_command_fails_with_one_sentence_before_qemu_sees_it(
+        case: Case) -> None:
+    """block_resize changes every bitmap's size; the oracle does not model it."""
+    vm = start(case)
+    with pytest.raises(UnmodelledCommand) as err:
+        vm.qmp("block_resize", node_name="drive0", size=16 * MiB)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("block_resize (vm 'vm0')"), message
+    size = [n for n in vm.qmp("query-named-block-nodes") if n["node-name"] == "drive0"]
+    assert size[0]["image"]["virtual-size"] == 8 * MiB, "QEMU got the command anyway"
+    with pytest.raises(UnmodelledCommand, match=r"^HMP command 'commit drive0'"):
+        vm.hmp("commit drive0")
+    with pytest.raises(UnmodelledCommand, match=r"^qemu-io command 'truncate 0'"):
+        vm.qemu_io("drive0", "truncate 0")
+    vm.shutdown()
+
+
+def test_a_refused_command_leaves_the_model_unchanged(case: Case) -> None:
+    """QEMU refuses a merge from an unknown bitmap (and a remove on a read-only node):
+    the model must not apply them, so the later checks still require what it had."""
+    vm = start(case)
+    write(vm, 0x10000, 0x1000)
+    vm.qmp("block-dirty-bitmap-add", node="drive0", name="empty", disabled=True)
+    with pytest.raises(CommandError, match="not found"):
+        vm.qmp("block-dirty-bitmap-merge", node="drive0", target="empty",
+               bitmaps=["b", "nosuch"])
+    model = case.oracle.model(vm)
+    assert not model.bitmap("drive0", "empty").seen, "a refused merge reached the model"
+    vm.blockdev_reopen(qcow2_node(case.path("disk.qcow2"), "drive0", read_only=True),
+                       log=False)
+    with pytest.raises(CommandError, match="readonly"):
+        vm.qmp("block-dirty-bitmap-remove", node="drive0", name="b")
+    assert "b" in model.nodes["drive0"].bitmaps, "a refused remove reached the model"
+    (v, _) = case.check_live(vm, "drive0")
+    assert list(v.required) == [(0x10000, 0x10000)]
+    vm.shutdown()
+
+
+def test_writes_through_a_device_land_in_the_active_layer(case: Case) -> None:
+    """The oracle follows the graph: after a snapshot the device writes into the overlay,
+    and its bitmaps, not the base's, must have the write."""
+    case.img.create("base.qcow2", 8 * MiB)
+    vm = case.vm(args=[*blockdev(qcow2_node(case.path("base.qcow2"), "base")),
+                       "-device", "virtio-blk-pci,drive=base,id=disk0"])
+    vm.launch()
+    vm.qmp("block-dirty-bitmap-add", node="base", name="b")
+    writes(vm, "disk0/virtio-backend", [(0, 0x1000)], device=True)
+    vm.qmp("blockdev-snapshot-sync", node_name="base", snapshot_file=str(case.path("top.qcow2")),
+           snapshot_node_name="top", format="qcow2")
+    vm.qmp("block-dirty-bitmap-add", node="top", name="t")
+    writes(vm, "disk0/virtio-backend", [(0x100000, 0x1000)], device=True)
+    (vb,) = case.check_live(vm, "base")
+    (vt,) = case.check_live(vm, "top")
+    assert list(vb.required) == [(0, 0x10000)] and list(vt.required) == [(0x100000, 0x10000)]
+    vm.shutdown()

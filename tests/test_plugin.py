@@ -210,11 +210,11 @@ def test_fails(qio: Case) -> None:
 """
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-scratch"])
-def test_scratch_dirs_stay_for_failures_or_with_keep_scratch(project: Project,
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "retention-all"])
+def test_scratch_dirs_stay_for_failures_or_with_retention_all(project: Project,
                                                               keep: bool) -> None:
     project.case("scratch", SCRATCH)
-    result = project.run(*(["--keep-scratch"] if keep else []))
+    result = project.run(*(["-o", "tmp_path_retention_policy=all"] if keep else []))
     result.assert_outcomes(passed=1, failed=1)
     scratch = dict(ln.split() for ln in (project.root / "scratch.txt").read_text().splitlines())
     assert (Path(scratch["fails"]) / "evidence").exists()
@@ -240,7 +240,7 @@ def test_a_harness_error_reports_the_case_line_not_harness_frames(project: Proje
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         f'test_report.py:{lineno}: vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")',
-        "QMPError: vm 'vm0': block-dirty-bitmap-add failed: GenericError: Cannot find device*",
+        "CommandError: vm 'vm0': block-dirty-bitmap-add failed: GenericError: Cannot find device*",
         "  sent: {'execute': 'block-dirty-bitmap-add', *",
         "  received: {'error': {'class': 'GenericError', *",
     ])

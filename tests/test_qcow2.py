@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 
 from harness.bitmaps import live_bitmaps
+from harness.block import blockdev, qcow2_node
 from harness.errors import HarnessError, Qcow2FormatError
-from harness.machine import Machine, blockdev, qcow2_node
+from harness.machine import Machine
 from harness.model import Extents
 from harness.qcow2 import BitmapNotFoundError, Qcow2Image
 

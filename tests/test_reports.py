@@ -124,18 +124,16 @@ def test_workflow_commands_are_escaped() -> None:
 
 
 CASES = '''
-from harness.machine import blockdev, qcow2_node
+from harness.block import blockdev, qcow2_node
 from harness.session import Case
 
 
 def start(qio: Case):
     qio.img.create("disk.qcow2", 8 << 20)
-    qio.model.node("drive0", 8 << 20)
     vm = qio.vm(args=blockdev(qcow2_node(qio.path("disk.qcow2"), "drive0")),
                 machine_type="none")
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="drive0", name="b", persistent=True)
-    qio.model.add_bitmap("drive0", "b", persistent=True)
     return vm
 
 
@@ -146,8 +144,8 @@ def test_golden(qio: Case) -> None:
 
 def test_oracle(qio: Case) -> None:
     vm = start(qio)
-    qio.write(vm, "drive0", 0x10000, 0x1000)
-    qio.model.write("drive0", 0x300000, 0x20000)  # a write QEMU never saw
+    vm.qemu_io("drive0", "write 0x10000 0x1000")
+    qio.oracle.model(vm).write("drive0", 0x300000, 0x20000)  # a write QEMU never saw
     qio.check_live(vm, "drive0")
 
 

@@ -1,0 +1,110 @@
+"""The shared case vocabulary: the words cases are written in, each defined once.
+
+Every word is plain QMP (or qemu-io over HMP, or qemu-img) underneath, sent through the
+machine, so the oracle follows it like any other command: nothing here tells the model
+anything. Keyword names are QMP names with ``_`` for ``-`` throughout.
+
+* :func:`writes`: guest writes over regions, through a device or straight to a node;
+* :func:`action`, :func:`bitmap_add`: ``transaction`` actions;
+* :func:`add_target`, :func:`del_target`: backup targets (a fresh qcow2, or an
+  incremental over the previous backup), added and removed over QMP;
+* :func:`backup`: ``blockdev-backup`` with ``auto-dismiss: false`` run to its end;
+* :func:`full_backup`, :func:`incremental_backup`: a backup that is restored and
+  compared with the source at its start at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from harness.backup import Case, Chain, create_target, reference, target_node, verify_restore
+from harness.machine import Machine
+
+Regions = Sequence[tuple[int, int]]
+
+
+def writes(vm: Machine, target: str, regions: Regions, pattern: int | None = 0x5A,
+           device: bool = False, zero: bool = False) -> None:
+    """qemu-io writes of ``pattern`` (qemu-io's own with None; zero writes with ``zero``)
+    over ``regions`` to ``target``: a node, or with ``device`` a guest device
+    (``disk0/virtio-backend``), whose writes land in whatever its active layer is. Each
+    is logged with its output."""
+    for off, length in regions:
+        what = "write -z" if zero else "write" if pattern is None else f"write -P {pattern:#x}"
+        vm.qemu_io(target, f"{what} {off:#x} {length:#x}", log=True, device=device)
+
+
+def action(kind: str, **data: Any) -> dict[str, Any]:
+    """One ``transaction`` action; ``data`` keywords are QMP names with ``_`` for ``-``."""
+    return {"type": kind, "data": {k.replace("_", "-"): v for k, v in data.items()}}
+
+
+def bitmap_add(node: str, name: str, granularity: int | None = None,
+               **more: Any) -> dict[str, Any]:
+    """The ``block-dirty-bitmap-add`` action (``persistent=True``, ``disabled=True``...)."""
+    if granularity is not None:
+        more["granularity"] = granularity
+    return action("block-dirty-bitmap-add", node=node, name=name, **more)
+
+
+def add_target(qio: Case, vm: Machine, image: str, size: int, backing: str | None = None,
+               inject: Sequence[dict[str, Any]] = ()) -> str:
+    """A backup target: ``image`` created (over ``backing``, the previous backup) and
+    added as the node named like the image without ``.qcow2``; returns that name."""
+    create_target(qio.img, image, size, backing=backing)
+    node = image.removesuffix(".qcow2")
+    vm.qmp_log("blockdev-add", target_node(qio.scratch / image, node, inject))
+    return node
+
+
+def del_target(vm: Machine, image: str) -> None:
+    vm.qmp_log("blockdev-del", node_name=image.removesuffix(".qcow2"))
+
+
+def backup_job(job: str, device: str, target: str, **more: Any) -> dict[str, Any]:
+    """``blockdev-backup`` arguments with ``auto-dismiss: false``, so a failed job's error
+    can still be read from ``query-jobs`` when it ends (run_job dismisses it)."""
+    return {"job-id": job, "device": device, "target": target, "auto-dismiss": False,
+            **{k.replace("_", "-"): v for k, v in more.items()}}
+
+
+def backup(vm: Machine, job: str, device: str, target: str, **more: Any) -> str | None:
+    """``blockdev-backup`` (see :func:`backup_job`) run to its end; its error or None."""
+    vm.qmp_log("blockdev-backup", backup_job(job, device, target, **more))
+    return vm.run_job(job)
+
+
+def full_backup(qio: Case, vm: Machine, node: str, source: str, size: int, n: int = 0,
+                image: str = "full.qcow2", bitmaps: Sequence[dict[str, Any]] = (),
+                before: Sequence[dict[str, Any]] = ()) -> Chain:
+    """``before`` actions, ``bitmaps`` (:func:`bitmap_add` actions) and a full backup of
+    ``node`` (whose image is ``source``) in one transaction, so the bitmaps start exactly
+    at the backup's point in time. Restored and compared at once."""
+    ref = reference(qio, vm, node, source, n)
+    target = add_target(qio, vm, image, size)
+    job = f"backup{n}"
+    vm.qmp_log("transaction", actions=[
+        *before, *bitmaps,
+        action("blockdev-backup", **backup_job(job, node, target, sync="full"))])
+    assert vm.run_job(job) is None, f"{job} failed"
+    del_target(vm, image)
+    chain = Chain((image,))
+    verify_restore(qio, chain, ref, f"backup-{n}")
+    return chain
+
+
+def incremental_backup(qio: Case, vm: Machine, node: str, source: str, size: int, n: int,
+                       chain: Chain, bitmap: str = "b0") -> Chain:
+    """``sync=incremental`` from ``bitmap`` of ``node`` onto ``chain``; the bitmap is then
+    checked exactly (the model knows every bit after a backup) and the chain restored."""
+    ref = reference(qio, vm, node, source, n)
+    image = f"inc{n}.qcow2"
+    target = add_target(qio, vm, image, size, chain.top)
+    assert backup(vm, f"backup{n}", node, target, sync="incremental",
+                  bitmap=bitmap) is None, f"backup{n} failed"
+    del_target(vm, image)
+    qio.oracle.check_exact(vm, node, [bitmap], f"after backup {n}")
+    chain = chain.then(image)
+    verify_restore(qio, chain, ref, f"backup-{n}")
+    return chain
