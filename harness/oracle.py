@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,8 @@ class Oracle:
         self.views: dict[str, View] = {}
         self.checks = 0
         self.had_bitmaps = False
+        #: automatic checks on; off once the test has failed (teardown reports nothing more)
+        self.checking = True
         self._hmp_mark: dict[str, int] = {}
 
     # -- what a case may ask --------------------------------------------------------------
@@ -235,6 +238,8 @@ class Oracle:
         self._job_ended(vm, view, job, succeeded)
 
     def before_shutdown(self, vm: Machine) -> None:
+        if not self.checking or sys.exc_info()[1] is not None:
+            return
         view = self._view(vm)
         busy = {j.sync.bitmap for j in view.jobs.values() if j.sync is not None}
         for node in sorted(view.model.nodes):
@@ -255,7 +260,8 @@ class Oracle:
                     self._store(view, gnode)
             else:
                 self._crashed(view, gnode)
-        if clean:
+        if clean and self.checking and sys.exc_info()[1] is None:
+            # (not while another error is on its way out: that one is the report)
             for path, image in sorted(view.rw_images.items()):
                 if image.bitmaps:
                     self.check_disk(path, where=f"{path.name} after shutdown of {vm.name}")
