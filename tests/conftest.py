@@ -145,16 +145,18 @@ def qemu_system() -> str:
     return path
 
 
-@pytest.fixture
-def project(pytester: pytest.Pytester, qemu_system: str,
-            monkeypatch: pytest.MonkeyPatch) -> Project:
-    """A throwaway project; its runs discover the QEMU on PATH like a user's would.
-
-    Run inside a GitHub Actions job, the throwaway runs must not annotate the real job or
-    append to its step summary: the variables are removed unless a test sets them.
-    """
+@pytest.fixture(autouse=True)
+def not_the_ci_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run inside a GitHub Actions job, the pytest runs the self-tests start (throwaway
+    projects, bisect steps) must not annotate the real job or append their tables to its
+    step summary: the variables are removed unless a test sets them itself."""
     for name in ("GITHUB_ACTIONS", "GITHUB_STEP_SUMMARY", "GITHUB_WORKSPACE"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, qemu_system: str) -> Project:
+    """A throwaway project; its runs discover the QEMU on PATH like a user's would."""
     return Project(pytester)
 
 
