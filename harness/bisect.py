@@ -298,10 +298,13 @@ class Step:
     build_s: float = 0.0
     tests_s: float = 0.0
     runs: list[Run] = field(default_factory=list)
+    git_s: float = 0.0  # before the step: git bisect's checkout and the step's start-up
 
     @property
     def overhead_s(self) -> float:
-        return max(0.0, self.ended - self.started - self.build_s - self.tests_s)
+        """Seconds beyond build and tests: the step's own work and git's before it."""
+        own = self.ended - self.started - self.build_s - self.tests_s
+        return max(0.0, own) + self.git_s
 
     def failures(self) -> list[Failure]:
         """The failures of the last run: the one that decided the verdict."""
@@ -463,9 +466,11 @@ def pytest_env() -> dict[str, str]:
 def run_tests(plan: Plan, out: Path, n: int) -> Run:
     junit = out / f"junit-{n}.xml"
     log = out / f"pytest-{n}.log"
+    # every option of ours as one --opt=value word: pytest takes a separate word that is
+    # an existing path (the build dir) for a test path when it looks for the rootdir
     argv = [plan.python, "-m", "pytest", *plan.pytest_args,
-            *(a for t in plan.deselect for a in ("--deselect", t)),
-            "--qemu-build", plan.build_dir, f"--junitxml={junit}",
+            *(f"--deselect={t}" for t in plan.deselect),
+            f"--qemu-build={plan.build_dir}", f"--junitxml={junit}",
             # failed tests' scratch dirs (actual output, VM logs) stay with the step
             f"--basetemp={out / f'tmp-{n}'}"]
     log.write_text(f"$ {shlex.join(argv)}\n")
@@ -612,7 +617,7 @@ class Result:
     failures: list[Failure] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)  # the ends first, then git's steps
     wall_s: float = 0.0
-    git_s: float = 0.0  # git bisect's own time between steps
+    git_s: float = 0.0  # git bisect's own time after the last step (verdict, reset)
     reset_ok: bool = True
 
     @property
@@ -806,12 +811,15 @@ def _run_git_bisect(plan: Plan, good: str, bad: str, result: Result, say: Progre
         except ConfigError as e:
             result.reset_ok = False
             say(f"could not reset the bisect: {e}")
-    wall_git = time.time() - t_git
+    t_end = time.time()
     steps = sorted((Step.from_json(json.loads(p.read_text()))
                     for p in (run_dir / "steps").glob("[0-9]*/step.json")),
                    key=lambda s: int(s.label))
+    prev = t_git
+    for s in steps:
+        s.git_s, prev = max(0.0, s.started - prev), s.ended
     result.steps += steps
-    result.git_s = max(0.0, wall_git - sum(s.ended - s.started for s in steps))
+    result.git_s = max(0.0, t_end - prev)  # after the last step: git's verdict, the reset
     broken = [s for s in steps if s.verdict == "broken"]
     found = re.search(r"^# first bad commit: \[([0-9a-f]+)\] (.*)$", bisect_log, re.M)
     possible = re.findall(r"^# possible first bad commit: \[([0-9a-f]+)\]", bisect_log, re.M)

@@ -198,9 +198,13 @@ def test_names_the_regressing_commit_and_skips_the_one_that_does_not_build(
     culprit = synth.commit("qcow2-bitmap: the header write at close fails", store_bug=True)
     synth.commit("docs: another harmless change", store_bug=True)
 
-    r = run_bisect(synth, project, good, "master")
+    # no test path: pytest takes testpaths from the project's pyproject.toml
+    r = run_bisect(synth, project, good, "master", pytest_args=["--strict-markers"])
 
     assert (r.status, r.first_bad) == ("found", culprit), r.message
+    # the steps' pytest ran in the project (with a build dir elsewhere, pytest once took
+    # the common ancestor of both for its rootdir and collected the self-tests too)
+    assert f"rootdir: {project}\n" in Path(r.steps[0].runs[0].log).read_text()
     assert r.first_bad_subject == "qcow2-bitmap: the header write at close fails"
     assert r.exit_code == 0
     (f,) = r.failures
