@@ -212,19 +212,29 @@ def bisect(args: argparse.Namespace, pytest_args: list[str]) -> int:
     return result.exit_code
 
 
-def report(result: bisect_mod.Result, max_lines: int = 40) -> str:
-    """The end of a bisect as a person reads it: verdict, tests, diffs, times, logs."""
+def report(result: bisect_mod.Result, shown: int = 3, max_lines: int = 30) -> str:
+    """The end of a bisect as a person reads it: verdict, tests, diffs, times, logs.
+
+    Every failing test gets a line; the first ``shown`` also get their report (the diff,
+    or pytest's ``E`` lines); summary.md in the run dir has all of them in full.
+    """
     out = [f"qiotests bisect: {result.message}"]
-    if result.failures:
-        out.append("failing tests:")
-        for f in result.failures:
-            out.append(f"  {f.test}: {f.kind}: {f.detail}")
+    failures = sorted(result.failures, key=lambda f: f.test)
+    if failures:
+        out.append(f"failing tests ({len(failures)}):")
+        out += [f"  {f.test}: {f.kind}: {f.detail[:160]}" for f in failures]
+        # the reports of one test of each kind of failure first
+        firsts = list({f.kind: f for f in reversed(failures)}.values())[::-1]
+        for f in (firsts + [f for f in failures if f not in firsts])[:shown]:
+            out.append(f"--- {f.test} ({f.kind})")
             text = f.text.rstrip().splitlines()
-            if text and text[0].strip() == f.detail:
-                text = text[1:]
+            e_lines = [ln for ln in text if ln.startswith("E ")]
+            text = e_lines + [ln for ln in text[-1:] if ln not in e_lines] if e_lines else text
             out += ["    " + ln for ln in text[:max_lines]]
             if len(text) > max_lines:
-                out.append(f"    ... {len(text) - max_lines} more lines in the step's logs")
+                out.append(f"    ... {len(text) - max_lines} more lines")
+        if len(failures) > shown:
+            out.append(f"(all {len(failures)} reports in {result.run_dir}/summary.md)")
     steps = result.bisect_steps()
     if steps:
         skipped = sum(1 for s in steps if s.verdict == "skip")

@@ -290,7 +290,8 @@ def test_harness_breakage_aborts_instead_of_blaming_the_commit(
     assert (r.status, r.exit_code) == ("harness-broken", 4), r.message
     (step,) = r.bisect_steps()
     assert (step.commit, step.verdict, step.exit) == (dead, "broken", bs.ABORT)
-    assert "usage error" in step.reason and "cannot start" in step.reason, step.reason
+    # pytest stops at its probe of the built programs, before any test
+    assert "usage error" in step.reason and "qemu-system-x86_64" in step.reason, step.reason
     assert "exit code 128" in (Path(r.run_dir) / "git-bisect.log").read_text()
     synth.assert_untouched()
 
