@@ -38,7 +38,6 @@ step's one line for git's log print.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -53,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import build as qemu_build
 from harness.errors import ConfigError
 
 # exit statuses `git bisect run` understands
@@ -440,16 +440,9 @@ def resolve_commit(src: Path, rev: str, what: str) -> str:
 
 
 def default_build_command() -> list[str]:
-    """``qiotests build-qemu {src} --build {build}``, or the older script while the package
-    has no build module."""
-    if importlib.util.find_spec("harness.build") is not None:
-        return [sys.executable, "-m", "harness.cli", "build-qemu", "{src}", "--build",
-                "{build}"]
-    script = Path(__file__).resolve().parent.parent / "scripts" / "build-qemu.sh"
-    if script.is_file():
-        return [str(script), "{src}", "{build}"]
-    raise ConfigError("no build command: this installation has neither harness.build nor "
-                      "scripts/build-qemu.sh; give --build-cmd")
+    """``qiotests build-qemu {src} --build {build}``: exit 0 when built, else non-zero
+    after printing the first compiler error."""
+    return [sys.executable, "-m", "harness.cli", "build-qemu", "{src}", "--build", "{build}"]
 
 
 def build_argv(template: Sequence[str], src: str, build: str) -> list[str]:
@@ -559,16 +552,15 @@ def _describe(failures: Sequence[Failure]) -> str:
 
 
 def first_error(log: Path) -> str:
-    """The first compiler (or build script) error in a build log."""
+    """The first line of the first compiler (or meson, or linker) error in a build log."""
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        lines = log.read_text(errors="replace").splitlines()[1:]  # after our "$ argv"
     except OSError:
         return "(no build log)"
-    for pat in (r"\berror:", r"\b(ERROR|FAILED)\b", r"\S"):
-        for line in lines[1:] if pat != r"\S" else reversed(lines):
-            if re.search(pat, line):
-                return line.strip()[:300]
-    return "(empty build log)"
+    # build-qemu prints the error block indented under its own message: undo that
+    block = qemu_build.first_error("\n".join(ln.strip() for ln in lines))
+    found = block.splitlines() or ["(empty build log)"]
+    return next((ln for ln in found if re.search(r"\berror\b", ln, re.I)), found[0])[:300]
 
 
 def step_main(run_dir: Path) -> int:
