@@ -583,8 +583,7 @@ def step_main(run_dir: Path) -> int:
             print(f"qiotests bisect step: {type(e).__name__}: {e}", file=sys.stderr)
             return ABORT
     print(f"{STEP_LINE} {n} {commit[:12]} {step.verdict}: {step.reason} "
-          f"(build {step.build_s:.1f} s, tests {step.tests_s:.1f} s, "
-          f"overhead {step.overhead_s:.1f} s)", flush=True)
+          f"(build {step.build_s:.1f} s, tests {step.tests_s:.1f} s)", flush=True)
     return step.exit
 
 
