@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from harness import bisect as bs
+from harness import cli
 from harness.errors import ConfigError
 from tests.conftest import REPO
 
@@ -225,6 +226,25 @@ def test_names_the_regressing_commit_and_skips_the_one_that_does_not_build(
     assert culprit in (run_dir / "summary.md").read_text()
     for s in r.steps:
         assert (Path(s.dir) / "build.log").exists() and (Path(s.dir) / "step.json").exists()
+    text = cli.report(r)
+    assert text.startswith(f"qiotests bisect: first bad commit {culprit[:12]} (qcow2-bitmap: ")
+    assert "failing tests (1):" in text and "disk.qcow2 stores none" in text, text
+    assert f"tested by git bisect ({len([s for s in r.bisect_steps() if s.verdict == 'skip'])}" \
+        " skipped)" in text
+    synth.assert_untouched()
+
+
+def test_untestable_neighbours_give_the_candidates(synth: Synth, project: Path) -> None:
+    good = synth.commit("base")
+    first = synth.commit("the bug arrives in a commit that does not build", store_bug=True,
+                         build_error=True)
+    last = synth.commit("fix the build", store_bug=True)
+
+    r = run_bisect(synth, project, good, "master")
+
+    assert (r.status, r.exit_code) == ("ambiguous", 1), r.message
+    assert sorted(r.candidates) == sorted([first, last])
+    assert [(s.commit, s.verdict) for s in r.bisect_steps()] == [(first, "skip")]
     synth.assert_untouched()
 
 
