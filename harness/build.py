@@ -13,6 +13,7 @@ from what the tree itself says it needs, never from its version number:
 - edk2 blobs: ``pc-bios/meson.build`` lists ``*.fd.bz2`` inputs that meson checks at
   configure time when bzip2 is installed, though no target here uses them; only when
   configure fails on one do the missing ones get empty placeholders (then it is retried);
+- ccache: ``--cc``/``--cxx`` name links to it (:func:`ccache_compilers`);
 - option ROMs: built with the build tree's ``pc-bios/optionrom`` makefile, or with Debian's
   ``debian/optionrom.mak`` on trees whose configure does not set it up;
 - firmware: a build tree looks for BIOS and ROMs where ``qemu-system-x86_64 -L help`` says;
@@ -180,7 +181,7 @@ class Reuse(enum.Enum):
 # Flags that change neither what is compiled nor how it runs: the ccache wrapper, and not
 # installing blobs the tree does not have. A dir configured without them (by the former
 # scripts/build-qemu.sh, say) is reused rather than rebuilt from scratch.
-_NEUTRAL_FLAG = re.compile(r"^--(?:cc=ccache cc|cxx=ccache c\+\+|disable-install-blobs)$")
+_NEUTRAL_FLAG = re.compile(r"^--(?:(?:cc|cxx)=\S*/ccache-bin/(?:cc|c\+\+)|disable-install-blobs)$")
 
 
 def _essential(stamp: str) -> str:
@@ -398,14 +399,36 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
 
-def configure_flags(src: SourceTree, python: Path | None, ccache: str | None) -> list[str]:
+def ccache_compilers(cache: Path) -> tuple[Path, Path] | None:
+    """``cc`` and ``c++`` links to ccache in a dir of our own (ccache's masquerade mode).
+
+    QEMU's configure writes the compiler into meson's cross file, so meson never adds
+    ccache itself; and ``--cc='ccache cc'`` breaks configure's probe for a compiler for the
+    x86 option ROMs (it runs ``"$target_cc"`` quoted, one word). A link named ``cc`` is one
+    word, and ccache called through it runs the next ``cc`` on PATH.
+    """
+    exe = shutil.which("ccache")
+    if exe is None:
+        return None
+    d = cache / "ccache-bin"
+    d.mkdir(parents=True, exist_ok=True)
+    links = (d / "cc", d / "c++")
+    for link in links:
+        if not link.is_symlink() or os.readlink(link) != exe:
+            link.unlink(missing_ok=True)
+            link.symlink_to(exe)
+    return links
+
+
+def configure_flags(src: SourceTree, python: Path | None,
+                    ccache: tuple[Path, Path] | None) -> list[str]:
     """The configure command line for `src` (pure but for the paths it is given)."""
     flags = list(BASE_FLAGS)
     if not src.has_blobs:
         # a repack: meson would check at configure time that the blobs it installs exist
         flags.append("--disable-install-blobs")
     if ccache:
-        flags += [f"--cc={ccache} cc", f"--cxx={ccache} c++"]
+        flags += [f"--cc={ccache[0]}", f"--cxx={ccache[1]}"]
     if python is not None:
         flags.append(f"--python={python}")
     return flags
@@ -451,8 +474,8 @@ def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
         python = meson_python(src.meson, cache_dir())
         notes.append(f"meson {src.meson.installed} from PyPI (the tree wants >= "
                      f"{src.meson.accepted}): {python}")
-    ccache = shutil.which("ccache")
-    flags = configure_flags(src, python, "ccache" if ccache else None)
+    ccache = ccache_compilers(cache_dir())
+    flags = configure_flags(src, python, ccache)
     wanted = stamp_text(src.path, src.tree_id(), src.version, flags)
 
     decision = reuse_decision(build, wanted)
@@ -524,7 +547,8 @@ def compiler_wrapper(build: Path) -> str:
         text = (build / "build.ninja").read_text(errors="replace")
         m = re.search(r"^rule c_COMPILER\n command = (\S+)", text, re.M)
         exelist = [m.group(1)] if m else []
-    if exelist and Path(exelist[0]).name == "ccache":
+    exe = shutil.which(exelist[0]) if exelist else None
+    if exe and Path(exe).resolve().name == "ccache":
         return "used"
     return "not used" + ("" if shutil.which("ccache") else " (ccache is not installed)")
 

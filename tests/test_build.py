@@ -93,14 +93,29 @@ def test_a_dir_configured_without_ccache_is_reused(tmp_path: Path) -> None:
     # ccache and --disable-install-blobs change nothing that was compiled: no rebuild
     old = stamp_text(Path("/s"), "1 2.0", "7.2.0", ["--target-list=x86_64-softmmu", "--a=b c"])
     new = stamp_text(Path("/s"), "1 2.0", "7.2.0", [
-        "--target-list=x86_64-softmmu", "--a=b c", "--disable-install-blobs", "--cc=ccache cc",
-        "--cxx=ccache c++"])
+        "--target-list=x86_64-softmmu", "--a=b c", "--disable-install-blobs",
+        "--cc=/root/.cache/qiotests/ccache-bin/cc", "--cxx=/root/.cache/qiotests/ccache-bin/c++"])
     (tmp_path / qbuild.STAMP).write_text(old)
     (tmp_path / "build.ninja").write_text("")
     assert reuse_decision(tmp_path, new) is Reuse.REUSE
     python = stamp_text(Path("/s"), "1 2.0", "7.2.0", [
         "--target-list=x86_64-softmmu", "--a=b c", "--python=/v/bin/python3"])
     assert reuse_decision(tmp_path, python) is Reuse.WIPE
+    # "ccache cc" as one --cc made configure miss the option ROM compiler: not neutral
+    spaced = stamp_text(Path("/s"), "1 2.0", "7.2.0", [
+        "--target-list=x86_64-softmmu", "--a=b c", "--cc=ccache cc"])
+    assert reuse_decision(tmp_path, spaced) is Reuse.WIPE
+
+
+def test_ccache_links_are_one_word_compilers(tmp_path: Path) -> None:
+    links = qbuild.ccache_compilers(tmp_path)
+    if shutil.which("ccache") is None:
+        assert links is None
+        return
+    assert links is not None
+    assert [p.name for p in links] == ["cc", "c++"]
+    assert all(p.resolve() == Path(shutil.which("ccache") or "").resolve() for p in links)
+    assert qbuild.ccache_compilers(tmp_path) == links       # idempotent
 
 
 def test_meson_need_from_pythondeps() -> None:
@@ -125,9 +140,11 @@ def fake_tree(root: Path, configure: str) -> Path:
 
 def test_configure_flags_follow_what_the_tree_has(tmp_path: Path) -> None:
     src = qbuild.SourceTree.inspect(fake_tree(tmp_path, ""))
-    flags = qbuild.configure_flags(src, Path("/v/bin/python3"), "ccache")
+    links = (Path("/c/ccache-bin/cc"), Path("/c/ccache-bin/c++"))
+    flags = qbuild.configure_flags(src, Path("/v/bin/python3"), links)
     assert "--disable-install-blobs" in flags          # no pc-bios/bios-256k.bin
-    assert {"--cc=ccache cc", "--cxx=ccache c++", "--python=/v/bin/python3"} <= set(flags)
+    assert {"--cc=/c/ccache-bin/cc", "--cxx=/c/ccache-bin/c++",
+            "--python=/v/bin/python3"} <= set(flags)
     (src.path / "pc-bios").mkdir()
     (src.path / "pc-bios" / "bios-256k.bin").write_text("")
     with_blobs = qbuild.SourceTree.inspect(src.path)
