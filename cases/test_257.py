@@ -46,6 +46,7 @@ from harness.backup import (
     verify_restore,
 )
 from harness.block import blockdev, qcow2_node
+from harness.errors import MachineExitError
 from harness.machine import Machine
 from harness.session import Case
 
@@ -217,6 +218,11 @@ def test_bitmap_sync(qio: Case, mode: str, outcome: str) -> None:
 
 
 @pytest.mark.quick
+@pytest.mark.xfail(raises=MachineExitError, strict=False,
+                   reason="QEMU bug seen in 10.2.2 (11 of 20 runs), not in 10.0.x or 7.2.22: "
+                   "the first backup of the transaction ends while the second completes, "
+                   "bdrv_drop_filter aborts (block.c:5423 Assertion 'from->quiesce_counter' "
+                   "failed); reduced in test_backup_drain.py")
 def test_incremental_and_differential(qio: Case) -> None:
     """Two bitmaps from the full backup on: ``inc`` is cleared by each incremental,
     ``diff`` never; each differential copies ``diff`` into a temporary bitmap in the
