@@ -32,14 +32,15 @@ Why the comparison is fair
       waits for the exit with a blocking ``waitpid`` (a watchdog timer kills a hung QEMU).
     * The sides alternate within each pair (bare first on even pairs, harness first on odd),
       so drift in machine load, page cache or CPU frequency hits both equally, and the
-      first ``--warmup`` pairs are discarded. Medians are compared, so a stray slow run does
-      not decide the result.
+      first ``--warmup`` pairs are discarded. The headline is the median of the per-pair
+      ratios (each pair saw the same load), so a stray slow run does not decide it.
 
     What the harness does on top (event loop, QMP log file, PR_SET_PDEATHSIG via
     ``preexec_fn``, new session, process registry, the way it waits for the exit) is exactly
     the overhead this benchmark is meant to expose.
 
-Exit status: 0 when harness/bare (ratio of the medians) is at most ``--target`` (1.10),
+Exit status: 0 when harness/bare (the median of the per-pair ratios) is at most ``--target``
+(1.10),
 1 when it is above, 2 when the benchmark could not run (no QEMU, QEMU failed to start).
 """
 
@@ -243,7 +244,13 @@ def ms(seconds: float) -> str:
 
 
 def report(bare: Series, harness: Series, target: float) -> bool:
-    """Print the table; True when the ratio of the medians is within the target."""
+    """Print the table; True when the median of the per-pair ratios is within the target.
+
+    The pairs are the design (each pair ran back to back, so both sides saw the same
+    load): the headline is the median of harness/bare within each pair. The ratio of the
+    two medians mixes runs from different moments; on a busy machine it once showed the
+    harness faster than a bare QEMU (0.957 while the pairs said 1.064), which it cannot
+    be, so it is shown only for reference."""
     print(f"\n{'':9}{'median':>9}{'min':>9}{'p90':>9}{'up':>9}{'down':>9}   (ms; up/down = median"
           " until QMP ready / from quit to exit)")
     for s in (bare, harness):
@@ -254,10 +261,10 @@ def report(bare: Series, harness: Series, target: float) -> bool:
     ratio = statistics.median(harness.totals()) / statistics.median(bare.totals())
     pair_ratio = statistics.median(h.total / b.total for h, b in zip(harness.runs, bare.runs,
                                                                       strict=True))
-    ok = ratio <= target
-    print(f"\nratio harness/bare (medians): {ratio:.3f}   "
-          f"(median of per-pair ratios: {pair_ratio:.3f})")
-    print(f"{'PASS' if ok else 'FAIL'}: ratio {ratio:.3f} {'<=' if ok else '>'} target "
+    ok = pair_ratio <= target
+    print(f"\nratio harness/bare (median of per-pair ratios): {pair_ratio:.3f}   "
+          f"(ratio of the medians: {ratio:.3f})")
+    print(f"{'PASS' if ok else 'FAIL'}: ratio {pair_ratio:.3f} {'<=' if ok else '>'} target "
           f"{target:.2f}")
     return ok
 

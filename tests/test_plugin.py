@@ -8,11 +8,13 @@ its ``expected/`` file, and runs pytest on it in a subprocess against the QEMU o
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 
 DEMO = '''
 from harness.session import Case
@@ -245,3 +247,52 @@ def test_a_harness_error_reports_the_case_line_not_harness_frames(project: Proje
         "  received: {'error': {'class': 'GenericError', *",
     ])
     assert "harness/machine.py" not in result.stdout.str()
+
+
+ONE_FILE_CASE = '''
+import pytest
+
+from harness.actions import writes
+from harness.block import blockdev, qcow2_node
+
+
+@pytest.mark.requires(qmp=["block-dirty-bitmap-add"])
+def test_one(qio):
+    qio.img.create("disk.qcow2", 4 << 20)
+    vm = qio.vm(args=blockdev(qcow2_node(qio.path("disk.qcow2"), "drive0")),
+                machine_type="none")
+    vm.launch()
+    vm.qmp_log("block-dirty-bitmap-add", node="drive0", name="b", persistent=True)
+    writes(vm, "drive0", [(0x10000, 0x1000)])
+'''
+
+
+def test_the_plugin_works_from_a_fresh_venv_outside_this_repo(tmp_path: Path) -> None:
+    """``pip install`` of this project into a new venv gives a directory with nothing but
+    one test file the ``qio`` fixture, the options, the requires marker, golden files and
+    the oracle: the pytest11 entry point, not this repository's conftest, wires it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                          "--disable-pip-version-check", str(REPO)],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr
+    project = tmp_path / "downstream"
+    project.mkdir()
+    (project / "test_one.py").write_text(ONE_FILE_CASE)
+    pytest_bin = str(venv / "bin" / "pytest")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([pytest_bin, "-p", "no:cacheprovider", *args, "test_one.py"],
+                              cwd=project, capture_output=True, text=True, timeout=300)
+
+    regen = run("--regen")
+    assert regen.returncode == 0, regen.stdout + regen.stderr
+    golden = (project / "expected" / "one.out").read_text()
+    assert golden.startswith("=== test_one ===\n")
+    assert "oracle (before shutdown of vm0): drive0/b: complete, dirty [0x10000+0x10000]" \
+        in golden
+    assert golden.rstrip().endswith("oracle verdict: 2 bitmap check(s), all passed")
+    again = run()
+    assert again.returncode == 0 and "1 passed" in again.stdout, again.stdout
+    assert "plugins:" in again.stdout and "qiotests" in again.stdout
