@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness.binaries import Probe
 from harness.errors import HarnessError, RestoreMismatch
 from harness.filters import TextFilter
 from harness.machine import Machine
@@ -275,13 +274,6 @@ class NbdExport:
 def nbd_server_start(vm: Machine, socket: Path) -> None:
     """``nbd-server-start`` on a unix socket (logged)."""
     vm.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
-
-
-def export_bitmap_takes_node(probe: Probe) -> bool:
-    """Whether ``block-export-add`` names a bitmap as ``{"node", "name"}`` (QAPI
-    ``BlockDirtyBitmapOrStr``), needed when the bitmap's node is not reachable from the
-    exported node through filters and backing files (a ``snapshot-access`` node)."""
-    return probe.takes_node_bitmaps("block-export-add", "bitmaps")
 
 
 def nbd_export_add(vm: Machine, node: str, name: str, socket: Path,

@@ -207,18 +207,6 @@ class Probe:
         arg_type = by_name.get(cmd.get("arg-type"))
         return self._member_names(arg_type, by_name)
 
-    def type_members(self, command: str, arg: str) -> frozenset[str]:
-        """Member names of the object type of ``command``'s argument ``arg``."""
-        by_name = {e.get("name"): e for e in self.schema}
-        cmd = by_name.get(command)
-        if not cmd:
-            return frozenset()
-        arg_type = by_name.get(cmd.get("arg-type"))
-        for m in (arg_type or {}).get("members", []):
-            if m.get("name") == arg:
-                return self._member_names(by_name.get(m.get("type")), by_name)
-        return frozenset()
-
     def takes_node_bitmaps(self, command: str, member: str) -> bool:
         """Whether ``command``'s list argument ``member`` takes bitmaps as ``{"node",
         "name"}`` objects (an alternate with a ``BlockDirtyBitmap``-like branch), in the

@@ -1,9 +1,10 @@
-"""The oracle: what each dirty bitmap must contain, computed from the writes a case issued.
+"""The model: what each dirty bitmap must contain, computed from the writes a case issued.
 
 Golden files catch only what their author foresaw. The model catches "bitmap valid but
 incomplete" in any scenario: every write a case issues is recorded with the node it went
 to; every bitmap operation (add, disable, enable, clear, merge, remove) and every graph
-change that moves data into a node (commit) is mirrored here. For each bitmap the model
+change that moves data into a node (commit) is mirrored here, by the oracle that follows
+the case's commands (harness/oracle.py). For each bitmap the model
 knows the byte ranges that *must* be dirty, rounded out to the bitmap's granularity.
 
 The check rule (``verdict``):
@@ -214,7 +215,8 @@ BITMAP_SYNC_MODES = ("on-success", "always", "never")
 
 
 class Model:
-    """Nodes, their bitmaps, and every write; mirror each QMP step of a case here."""
+    """Nodes, their bitmaps, and every write: one VM's graph as the oracle keeps it in
+    step with QEMU (harness/oracle.py); pure, so it can be tested without QEMU."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, ModelNode] = {}
