@@ -31,9 +31,9 @@ def vm_with_bitmaps(qio: Case) -> Machine:
 
 
 @pytest.mark.xfail(raises=MachineExitError, strict=False,
-                   reason="QEMU bug seen in 7.2.22 and 10.0.2: block-dirty-bitmap-merge with "
-                   "an empty 'bitmaps' list dies with SIGSEGV (block_dirty_bitmap_merge frees "
-                   "a backup bitmap that was never allocated)")
+                   reason="QEMU bug seen in 7.2.22, 10.0.2, 10.0.13 and 10.2.2: "
+                   "block-dirty-bitmap-merge with an empty 'bitmaps' list dies with SIGSEGV "
+                   "(block_dirty_bitmap_merge frees a backup bitmap that was never allocated)")
 def test_merge_with_empty_source_list(qio: Case) -> None:
     vm = vm_with_bitmaps(qio)
     before = vm.qmp("x-debug-block-dirty-bitmap-sha256", node="drive0", name="a")

@@ -62,10 +62,11 @@ OPTION_ROMS = ("kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin", "multiboot.
 # where Debian's seabios and ipxe-qemu packages put the BIOS, VGA BIOS and NIC ROMs
 SYSTEM_FIRMWARE_DIRS = (Path("/usr/share/seabios"), Path("/usr/lib/ipxe/qemu"))
 # what configure, ninja and the ROM build need (Debian package names)
-DEB_DEPS = ("gcc", "g++", "make", "binutils", "pkg-config", "meson", "ninja-build", "flex",
-            "bison", "python3", "python3-venv", "libglib2.0-dev", "libpixman-1-dev",
-            "zlib1g-dev", "libslirp-dev", "libfdt-dev", "libzstd-dev", "libaio-dev",
-            "seabios", "ipxe-qemu")
+# (gcc-multilib: configure builds the 16/32-bit option ROMs only when ``cc -m32`` links)
+DEB_DEPS = ("gcc", "g++", "gcc-multilib", "make", "binutils", "pkg-config", "meson",
+            "ninja-build", "flex", "bison", "python3", "python3-venv", "libglib2.0-dev",
+            "libpixman-1-dev", "zlib1g-dev", "libslirp-dev", "libfdt-dev", "libzstd-dev",
+            "libaio-dev", "seabios", "ipxe-qemu")
 STAMP = ".qiotests-build"
 CONFIGURE_LOG = "qiotests-configure.log"
 NINJA_LOG = "qiotests-ninja.log"
@@ -566,7 +567,9 @@ def build_option_roms(src: Path, build: Path) -> list[str]:
         out.mkdir(exist_ok=True)
         argv = ["make", "-s", "-f", str(debian_mak), "-C", str(out), f"SRC_PATH={src}", "all"]
     else:
-        return ["no option ROMs in the tree and no way to build them: -kernel boots will fail"]
+        return ["no option ROMs: the tree has none and configure found no compiler for them "
+                "(cc -m32 must link: gcc-multilib; then remove the build dir); -kernel boots "
+                "will fail"]
     log = build / "qiotests-optionrom.log"
     with log.open("w") as f:
         status = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False,
