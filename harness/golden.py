@@ -62,12 +62,30 @@ class GoldenFile:
 
     @classmethod
     def load(cls, path: Path) -> GoldenFile:
-        """Parse ``path``; a file that does not exist has no sections."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        """Parse ``path``; a file that does not exist has no sections.
+
+        A file that cannot be used (unreadable, not UTF-8, stray text, a section twice)
+        raises GoldenError naming the file and the line.
+        """
+        data = _read(path)
+        if data is None:
             return cls(path)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise GoldenError(f"{path}:{line}: byte {data[e.start]:#04x} (column {column}) is "
+                              "not UTF-8") from None
         return cls(path, parse(text, str(path)))
+
+    @classmethod
+    def salvage(cls, path: Path) -> GoldenFile:
+        """The sections that can be told apart in a malformed file, for ``--regen``:
+        bytes that are not UTF-8 replaced, text before the first header dropped, the last
+        copy of a section kept. Never raises GoldenError."""
+        data = _read(path) or b""
+        return cls(path, parse(data.decode("utf-8", "replace"), str(path), strict=False))
 
     def section(self, name: str) -> str:
         if name not in self.sections:
@@ -117,8 +135,19 @@ class GoldenFile:
         return [n for n in self.sections if n not in owned_set]
 
 
-def parse(text: str, where: str) -> dict[str, str]:
-    """Split golden text into sections; stray text or duplicate headers are errors."""
+def _read(path: Path) -> bytes | None:
+    """The file's bytes, None if it does not exist; other errors are one sentence."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise GoldenError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def parse(text: str, where: str, strict: bool = True) -> dict[str, str]:
+    """Split golden text into sections; stray text or duplicate headers are errors
+    (with ``strict=False`` stray text is dropped and the last copy of a section kept)."""
     sections: dict[str, str] = {}
     current: str | None = None
     body: list[str] = []
@@ -131,11 +160,13 @@ def parse(text: str, where: str) -> dict[str, str]:
             if current is not None:
                 sections[current] = _close(body)
             current = m.group(1)
-            if current in sections:
+            if current in sections and strict:
                 raise GoldenError(f"{where}:{lineno}: section '{header(current)}' appears twice")
             body = []
         elif current is None:
-            raise GoldenError(f"{where}:{lineno}: text before the first '=== test... ===' header")
+            if strict:
+                raise GoldenError(
+                    f"{where}:{lineno}: text before the first '=== test... ===' header")
         else:
             body.append(line)
     if current is not None:
@@ -210,18 +241,45 @@ class RegenStore:
 
     def __init__(self) -> None:
         self._pending: dict[Path, dict[str, str]] = {}
+        #: One sentence per golden file that could not be written, for the summary.
+        self.problems: list[str] = []
+        #: One sentence per malformed golden file rewritten whole from the new sections.
+        self.mended: list[str] = []
 
     def record(self, golden: Path, name: str, text: str) -> None:
         self._pending.setdefault(golden, {})[name] = text
 
     def write_all(self) -> list[tuple[Path, list[str]]]:
-        """Write every touched file; returns (file, changed section names)."""
+        """Write every touched file; returns (file, changed section names).
+
+        One file that cannot be written never stops the others: its problem goes to
+        :attr:`problems`. A malformed file is rewritten from the new sections when they
+        replace every section it has (nothing of the old file is then needed); otherwise
+        it is left as it is and the problem says which sections did not run.
+        """
         written = []
         for path, new in sorted(self._pending.items()):
-            old = GoldenFile.load(path)
-            changed = [n for n, t in new.items() if old.sections.get(n, "") != t]
+            try:
+                old = GoldenFile.load(path)
+                changed = [n for n, t in new.items() if old.sections.get(n, "") != t]
+            except GoldenError as e:
+                old = GoldenFile.salvage(path)  # keeps the order of its sections
+                stale = [n for n in old.sections if n not in new]
+                if stale:
+                    self.problems.append(
+                        f"{e}; not rewritten: {len(stale)} of its sections did not run "
+                        f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); fix "
+                        "the file, or --regen every test of the module")
+                    continue
+                self.mended.append(f"{e}; rewritten from the sections that ran")
+                # the file itself changes, whatever the sections say
+                changed = [n for n, t in new.items() if t or n in old.sections]
             if changed:
-                old.updated(new).write()
+                try:
+                    old.updated(new).write()
+                except OSError as e:
+                    self.problems.append(f"{path}: cannot write it ({e.strerror})")
+                    continue
             written.append((path, changed))
         self._pending.clear()
         return written

@@ -34,7 +34,7 @@ import pytest
 
 from harness import artifacts, ghactions
 from harness.binaries import ROLES
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, GoldenError, HarnessError
 from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
 from harness.processes import REGISTRY
 from harness.report import (
@@ -161,6 +161,8 @@ class _Controller:
             # a QEMU outliving its test is a harness bug: fail the run
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         self.written = self.regen.write_all()
+        if self.regen.problems and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a golden file was not written
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         tr = terminalreporter
@@ -170,8 +172,18 @@ class _Controller:
             tr.write_sep("=", "QEMU processes left running", red=True)
             tr.write_line("started by the harness and still running at the end of the session "
                           "(killed now): " + "; ".join(self.leftovers))
-        orphans = [(path, GoldenFile.load(path).orphans(names))
-                    for path, names in sorted((self.owned or {}).items())]
+        orphans: list[tuple[Path, list[str]]] = []
+        malformed = list(self.regen.problems)
+        for path, owned in sorted((self.owned or {}).items()):
+            try:
+                orphans.append((path, GoldenFile.load(path).orphans(owned)))
+            except GoldenError as e:
+                if not any(m.startswith(f"{path}:") for m in malformed):
+                    malformed.append(str(e))
+        if malformed:
+            tr.write_sep("=", "golden files that cannot be used", red=True)
+            for problem in malformed:
+                tr.write_line(problem)
         if any(names for _, names in orphans):
             tr.write_sep("=", "golden sections no test owns (delete them)", yellow=True)
             for path, names in orphans:
@@ -183,6 +195,8 @@ class _Controller:
             for path, changed in self.written:
                 what = ", ".join(changed) if changed else "no change"
                 tr.write_line(f"{os.path.relpath(path, self.config.rootpath)}: {what}")
+            for note in self.regen.mended:
+                tr.write_line(note)
 
     def _github(self, tr: Any) -> None:
         """Annotations in the log, the table in the step summary (GITHUB_ACTIONS=true)."""

@@ -296,3 +296,71 @@ def test_the_plugin_works_from_a_fresh_venv_outside_this_repo(tmp_path: Path) ->
     again = run()
     assert again.returncode == 0 and "1 passed" in again.stdout, again.stdout
     assert "plugins:" in again.stdout and "qiotests" in again.stdout
+
+
+MALFORMED = {
+    "stray": (b"stray text\n" + GOOD.encode(), "demo.out:1: text before the first "
+              "'=== test... ===' header"),
+    "duplicate": (GOOD.encode() + b"=== test_beta ===\nagain\n\n",
+                  "demo.out:9: section '=== test_beta ===' appears twice"),
+    "not-utf8": (GOOD.encode().replace(b"beta two", b"beta \xff"),
+                 "demo.out:7: byte 0xff (column 6) is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_golden_file_is_named_once_and_the_summary_stays(
+        project: Project, kind: str) -> None:
+    """Issue 9 item 4: the tests said so, then a traceback ended the run and pytest's
+    "N failed" line was lost."""
+    data, message = MALFORMED[kind]
+    project.case("demo", DEMO)
+    project.case("other", OTHER)
+    project.golden("other", "=== test_other ===\nother\n\n")
+    golden = project.golden_path("demo")
+    golden.write_bytes(data)
+    result = project.run("-n", "2")
+    out = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in out and "INTERNALERROR" not in out, out
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=1, failed=3)  # each test of demo says why
+    assert out.count(f"GoldenError: {golden.parent}/{message}") == 3, out
+    summary = out.split("golden files that cannot be used", 1)[1]
+    assert summary.count(message) == 1, out
+    assert re.search(r"=+ 3 failed, 1 passed in ", out), out
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_regen_writes_every_other_file_and_mends_a_malformed_one(
+        project: Project, kind: str) -> None:
+    """Issue 9 item 4: one malformed golden file stopped the --regen writer, so no file
+    was written at all. Every other file is written; the malformed one is rewritten when
+    the sections that ran replace all of its own, else left alone and named."""
+    data, message = MALFORMED[kind]
+    project.case("demo", DEMO)
+    project.case("other", OTHER)
+    golden = project.golden_path("demo")
+    golden.write_bytes(data)
+    result = project.run("--regen", "-k", "test_beta or test_other")
+    out = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in out and "INTERNALERROR" not in out, out
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # a golden file could not be written
+    assert project.golden_path("other").read_text() == "=== test_other ===\nother\n\n"
+    assert golden.read_bytes() == data
+    assert f"{message}; not rewritten: 1 of its sections did not run (test_alpha)" in out
+
+    result = project.run("--regen")
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == 0, out
+    assert f"{message}; rewritten from the sections that ran" in out
+    assert golden.read_text() == GOOD
+    project.run().assert_outcomes(passed=4)
+
+
+OTHER = '''
+from harness.session import Case
+
+
+def test_other(qio: Case) -> None:
+    qio.log.log("other")
+'''
