@@ -341,7 +341,7 @@ def probe(binaries: Binaries, workdir: str | None = None) -> Probe:
         if binaries.has(role.key):
             check_role(role, binaries.programs[role.key])
     accels = list_accelerators(qemu)
-    with tempfile.TemporaryDirectory(prefix="qio-probe-", dir=workdir or "/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qio-probe-", dir=workdir) as tmp:
         if not accels:
             raise ConfigError(f"{qemu} lists no accelerators with -accel help; is it QEMU?")
         vm = Machine("probe", qemu, accel="tcg" if "tcg" in accels else accels[0],

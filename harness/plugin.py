@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import pytest
 
-from harness import artifacts, ghactions
+from harness import artifacts, ghactions, processes, signals
 from harness.binaries import ROLES
 from harness.errors import ConfigError, GoldenError, HarnessError
 from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
@@ -87,6 +87,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.version:
         return  # --help and --version must work without a QEMU
     workerinput = getattr(config, "workerinput", None)
+    limit = config.getoption("qio_max_file_size")
+    try:
+        processes.set_max_file_size(processes.parse_size(limit))
+    except ValueError as e:
+        raise pytest.UsageError(f"--max-file-size: {e}") from None
+    # a SIGTERM (CI cancel) cleans up as Ctrl-C does; the controller passes it on to workers
+    config.add_cleanup(signals.sigterm_as_ctrl_c(
+        None if workerinput is not None else _worker_pids))
+    config.pluginmanager.register(_TimeoutGuard(), "qiotests-timeout")
     if workerinput is not None:
         if workerinput.get(WORKER_ENV):
             config.stash[ENV_KEY] = Environment.from_json(workerinput[WORKER_ENV])
@@ -97,6 +106,45 @@ def pytest_configure(config: pytest.Config) -> None:
         except ConfigError as e:
             raise pytest.UsageError(str(e)) from None
     config.pluginmanager.register(_Controller(config), "qiotests-controller")
+
+
+def _worker_pids() -> list[int]:
+    """The controller's children that are not programs it started: its xdist workers."""
+    ours = {pid for pid, _label in REGISTRY.alive()}
+    return [pid for pid in signals.child_pids() if pid not in ours]
+
+
+class _TimeoutGuard:
+    """pytest-timeout's signal method, raised only while the test's own code runs
+    (harness.signals.TimeoutClock): a tiny --timeout never interrupts pytest's reporting.
+    The thread method is left to pytest-timeout."""
+
+    def __init__(self) -> None:
+        self.clock = signals.TimeoutClock(lambda message: pytest.fail(message))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
+        if settings.method != "signal":
+            return None
+        self.clock.start(settings.timeout)
+        return True
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        if not self.clock.active:
+            return None
+        self.clock.stop()
+        return True
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        with self.clock.running():
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        with self.clock.running():
+            return (yield)
 
 
 class _Controller:
@@ -354,6 +402,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--accel", dest="qio_accel", default="auto",
                     choices=("auto", "kvm", "tcg", "qtest"),
                     help="accelerator for qemu-system (auto: KVM when usable, else TCG)")
+    group.addoption("--max-file-size", dest="qio_max_file_size", metavar="SIZE",
+                    default="4G", help="largest file any program the harness starts may "
+                    "write (RLIMIT_FSIZE; 4G, 512M, unlimited; default 4G): a QEMU that "
+                    "writes without end is stopped there instead of filling the disk")
     group.addoption("--regen", dest="qio_regen", action="store_true",
                     help="rewrite the golden sections of the tests that run")
     group.addoption("--artifacts", dest="qio_artifacts", metavar="DIR",
