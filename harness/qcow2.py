@@ -52,6 +52,15 @@ BME_TABLE_ENTRY_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF00_0000_0000_01FE
 BME_TABLE_ENTRY_ALL_ONES = 1 << 0
 
+# QEMU's own limits (block/qcow2-bitmap.c, block/qcow2.h); QEMU never writes beyond them,
+# so a reader checking QEMU's output can refuse anything past them before allocating.
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_TABLE_SIZE = 0x8000000  # entries
+BME_MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data
+QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
+
 # Bytes of bitmap data scanned at once for dirty runs: big enough that a clean stretch
 # costs one comparison, small enough that the big-int shifts per run stay cheap.
 _SCAN_CHUNK = 512
@@ -363,6 +372,12 @@ class _Reader:
             raise self.fail(f"the qcow2 version is {version}, only 2 and 3 exist")
         if not 9 <= cluster_bits <= 30:
             raise self.fail(f"cluster_bits is {cluster_bits}, outside the range 9 to 30")
+        size, l1_size = fields[5], fields[7]
+        per_l1_entry = (1 << cluster_bits) // 8 * (1 << cluster_bits)
+        if size >= 1 << 63 or size > l1_size * per_l1_entry:
+            raise self.fail(
+                f"size (the disk size) is {size} bytes, more than its l1_size of {l1_size} "
+                f"entries maps ({l1_size * per_l1_entry} bytes)")
         if version == 2:
             return Qcow2Header(version, *fields[2:])
         v3 = _HEADER_V3.unpack(self.read(_HEADER_V2.size, _HEADER_V3.size, "v3 header"))
@@ -403,6 +418,13 @@ class _Reader:
         if len(exts) > 1 or exts[0].length != _BITMAPS_EXT.size:
             raise self.fail("the bitmaps header extension is repeated or not 24 bytes long")
         nb, reserved, dir_size, dir_offset = _BITMAPS_EXT.unpack(exts[0].data)
+        if nb > QCOW2_MAX_BITMAPS:
+            raise self.fail(f"nb_bitmaps is {nb}, over QEMU's limit of {QCOW2_MAX_BITMAPS}")
+        if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE or dir_size < nb * _DIR_ENTRY.size:
+            raise self.fail(
+                f"bitmap_directory_size is {dir_size} bytes: {nb} bitmaps need "
+                f"{nb * _DIR_ENTRY.size} at least and QEMU writes "
+                f"{QCOW2_MAX_BITMAP_DIRECTORY_SIZE} at most")
         if nb == 0 or reserved or dir_offset == 0:
             raise self.fail(
                 f"the bitmaps extension is malformed (nb_bitmaps={nb}, reserved={reserved}, "
@@ -428,8 +450,11 @@ class _Reader:
                 raise self.fail(f"bitmap directory entry {len(bitmaps)} has a bad name or size")
             extra = directory[body : body + extra_size]
             name = directory[body + extra_size : entry_end].decode("utf-8", "replace")
-            if gran_bits > 63:
-                raise self.fail(f"bitmap {name!r} has granularity_bits {gran_bits}, over 63")
+            if not BME_MIN_GRANULARITY_BITS <= gran_bits <= BME_MAX_GRANULARITY_BITS:
+                raise self.fail(
+                    f"bitmap {name!r} has granularity_bits {gran_bits}; QEMU writes only "
+                    f"{BME_MIN_GRANULARITY_BITS} to {BME_MAX_GRANULARITY_BITS}")
+            self.check_table_size(header, name, t_size, gran_bits, flags)
             data = self.bitmap_table(header, name, t_off, t_size, gran_bits)
             geometry = (header.virtual_size, header.cluster_size, header.bitmaps_autoclear)
             bitmaps.append(
@@ -442,6 +467,30 @@ class _Reader:
                 f"holds {len(bitmaps)}"
             )
         return tuple(bitmaps)
+
+    def check_table_size(self, header: Qcow2Header, name: str, size: int, gran_bits: int,
+                         flags: int) -> None:
+        """``bitmap_table_size`` against the geometry, before anything is allocated.
+
+        A consistent bitmap needs exactly one entry per cluster of bitmap data for the disk
+        size at its granularity. An ``in_use`` one may have a stale size (QEMU's own check
+        allows it after a resize), but never more than QEMU's limits.
+        """
+        cs = header.cluster_size
+        needed = _div_up(_div_up(_div_up(header.virtual_size, 1 << gran_bits), 8), cs)
+        if size == 0 or size > BME_MAX_TABLE_SIZE or size * cs > BME_MAX_PHYS_SIZE:
+            raise self.fail(
+                f"bitmap {name!r} has bitmap_table_size {size}; QEMU writes 1 to "
+                f"{min(BME_MAX_TABLE_SIZE, BME_MAX_PHYS_SIZE // cs)} entries with "
+                f"{cs}-byte clusters (this disk needs {needed})")
+        if size != needed and not flags & BME_FLAG_IN_USE:
+            raise self.fail(
+                f"bitmap {name!r} has bitmap_table_size {size}, but a {header.virtual_size}"
+                f"-byte disk at granularity {1 << gran_bits} needs {needed}")
+        if size * 8 > self.size:
+            raise self.fail(
+                f"bitmap {name!r} has bitmap_table_size {size} ({size * 8} bytes), more "
+                f"than the whole file ({self.size} bytes)")
 
     def bitmap_table(
         self, header: Qcow2Header, name: str, offset: int, size: int, gran_bits: int

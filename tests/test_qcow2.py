@@ -413,3 +413,50 @@ def test_truncated_or_pointing_past_eof(tmp_path: Path) -> None:
         bad = variant(f"bad-entry-{flag}.qcow2")
         patch(bad, bm.table_offset, struct.pack(">Q", bm.table[0].offset | flag))
         check_format_error(bad, "table entry 0 is invalid")
+
+
+def test_sizes_are_checked_before_anything_is_allocated(tmp_path: Path) -> None:
+    """Issue 9 item 6: the reader trusted sizes. A table_size of 0xFFFFFFFF in a large
+    sparse file gave a MemoryError (or 47 s and 3.6 GB); a table larger than the geometry
+    needs, granularity_bits 0 and absurd disk sizes were accepted. Each is refused at once,
+    with the field named, and memory stays small."""
+    import time
+    import tracemalloc
+
+    path = create(tmp_path / "img.qcow2", 64 * MiB)
+    qemu_img("bitmap", "--add", path, "b")
+    image = Qcow2Image.open(path)
+    ext, bm = image.bitmaps_extension, image.bitmap("b")
+    assert ext is not None and bm.table_size == 1
+    original = path.read_bytes()
+    ext_at = original.index(struct.pack(">I", 0x23852875), 0, 4096)
+    entry = ext.bitmap_directory_offset
+
+    def variant(name: str, at: int, data: bytes, grow: int = 0) -> Path:
+        copy = tmp_path / name
+        copy.write_bytes(original)
+        patch(copy, at, data)
+        if grow:
+            os.truncate(copy, grow)  # sparse: a file big enough for any table
+        return copy
+
+    huge = variant("huge.qcow2", entry + 8, struct.pack(">I", 0xFFFFFFFF), grow=40 * GiB)
+    tracemalloc.start()
+    start = time.monotonic()
+    check_format_error(huge, "bitmap 'b' has bitmap_table_size 4294967295")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert time.monotonic() - start < 1 and peak < 4 * MiB
+
+    check_format_error(variant("two.qcow2", entry + 8, struct.pack(">I", 2), grow=1 * GiB),
+                       "bitmap 'b' has bitmap_table_size 2, but a 67108864-byte disk at "
+                       "granularity 65536 needs 1")
+    check_format_error(variant("gran0.qcow2", entry + 17, b"\0"),
+                       "bitmap 'b' has granularity_bits 0; QEMU writes only 9 to 31")
+    check_format_error(variant("gran32.qcow2", entry + 17, b"\x20"), "granularity_bits 32")
+    check_format_error(variant("disk.qcow2", 24, struct.pack(">Q", 1 << 62)),
+                       "size (the disk size) is 4611686018427387904 bytes, more than its "
+                       "l1_size of 1 entries maps")
+    check_format_error(variant("dir.qcow2", ext_at + 8 + 8, struct.pack(">Q", 1 << 40),
+                               grow=2 << 40),
+                       f"bitmap_directory_size is {1 << 40} bytes")
