@@ -264,7 +264,6 @@ class Machine:
         if self.state != "running":
             return self.exit_status
         unexpected = self._proc is not None and exited(self._proc)
-        limit_hit = not unexpected and self._limit_hit()
         if not unexpected and check and self.observer is not None:
             self.observer.before_shutdown(self)
         deadline = time.monotonic() + timeout
@@ -280,9 +279,6 @@ class Machine:
             status = self._reap(kill=True)
             killed = True
         self._finish(status, clean=status == 0 and not unexpected)
-        if check and limit_hit:
-            raise MachineError(self.name, self._limit_sentence(), self.argv, status,
-                               tail(self.log_path))
         if check and not self._expect_exit:
             if killed:
                 raise MachineTimeout(self.name, f"did not exit within {timeout:g} s of "

@@ -110,7 +110,9 @@ def file_size_limit_hit(pid: int) -> bool:
 
     The kernel sends SIGXFSZ on every write past RLIMIT_FSIZE and fails the write with
     EFBIG. QEMU blocks signals in its I/O threads, so QEMU does not die: the write fails and
-    the signal stays pending on that thread, which ``/proc`` shows (bit 24 of SigPnd).
+    the signal stays pending on that thread. Each thread's ``stat`` shows its pending
+    signals (field 31); ``status`` would too, but reading it waits for the memory map lock,
+    which a QEMU that is still starting holds for milliseconds.
     """
     bit = 1 << (signal.SIGXFSZ - 1)
     try:
@@ -119,13 +121,13 @@ def file_size_limit_hit(pid: int) -> bool:
         return False
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/status") as f:
-                lines = f.read().splitlines()
-        except OSError:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        for line in lines:
-            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
-                return True
+        # fields[0] is field 3 (state), so field 31 (pending signals) is fields[28]
+        if len(fields) > 28 and int(fields[28]) & bit:
+            return True
     return False
 
 

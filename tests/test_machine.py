@@ -465,8 +465,7 @@ def test_a_qemu_that_writes_past_the_file_size_limit_fails_saying_so(
                      "(--max-file-size), so QEMU got EFBIG (SIGXFSZ)")
     with pytest.raises(MachineError, match="reached the file-size limit of 1 MiB"):
         m.check_file_size()
-    with pytest.raises(MachineError, match="reached the file-size limit of 1 MiB"):
-        m.shutdown()
+    m.shutdown(check=False)  # (not checked there: reading /proc slows every shutdown)
     assert m.state == "stopped"
 
 
