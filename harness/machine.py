@@ -19,6 +19,7 @@ the test's transcript.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -93,7 +94,21 @@ def short_socket_dir() -> Path:
     # TMPDIR when it is short (a CI runner's, a test's own); macOS's long one is not
     tmp = tempfile.gettempdir()
     base = tmp if len(tmp) <= 40 or not os.path.isdir("/tmp") else "/tmp"
-    return Path(tempfile.mkdtemp(prefix="qio-", dir=base))
+    path = Path(tempfile.mkdtemp(prefix="qio-", dir=base))
+    _SOCKET_DIRS.append(path)
+    return path
+
+
+#: Every socket dir this process made. A test interrupted between making its dir and
+#: reaching its teardown (SIGTERM or Ctrl-C during fixture set-up) never removes it, so
+#: whatever is left goes when the process exits.
+_SOCKET_DIRS: list[Path] = []
+
+
+@atexit.register
+def _remove_socket_dirs() -> None:
+    for path in _SOCKET_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Machine:
