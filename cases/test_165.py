@@ -13,8 +13,8 @@ import pytest
 from harness.actions import writes
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 pytestmark = [pytest.mark.quick,
               pytest.mark.requires(qmp=["x-debug-block-dirty-bitmap-sha256"])]
@@ -27,16 +27,16 @@ REGIONS2 = ((0x10000000, 0x20000), (0x3FFF0000, 0x10000))
 DEVICE = "disk0/virtio-backend"
 
 
-def make_vm(qio: Case, read_only: bool) -> Machine:
+def make_vm(qio: Case, read_only: bool) -> VM:
     node = qcow2_node(qio.path("disk.qcow2"), "drive0", read_only=read_only)
     return qio.vm("vm0", args=[*blockdev(node), "-device", "virtio-blk-pci,drive=drive0,id=disk0"])
 
 
-def write_regions(vm: Machine, regions: tuple[tuple[int, int], ...]) -> None:
+def write_regions(vm: VM, regions: tuple[tuple[int, int], ...]) -> None:
     writes(vm, DEVICE, regions, pattern=None, device=True)
 
 
-def hash_of(vm: Machine) -> str:
+def hash_of(vm: VM) -> str:
     return str(vm.qmp("x-debug-block-dirty-bitmap-sha256", node="drive0", name="bitmap0")["sha256"])
 
 

@@ -21,8 +21,8 @@ import pytest
 from harness.actions import Regions
 from harness.actions import writes as guest_writes
 from harness.block import blockdev, qcow2_node
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 4 << 20
 DEVICE = "disk0/virtio-backend"
@@ -45,13 +45,13 @@ def device_args() -> list[str]:
     return ["-device", "virtio-blk-pci,drive=top,id=disk0"]
 
 
-def base_vm(qio: Case, name: str = "vm0") -> Machine:
+def base_vm(qio: Case, name: str = "vm0") -> VM:
     """The VM before the snapshot (and after the commit): base is the active layer."""
     node = qcow2_node(qio.path("base.qcow2"), "base")
     return qio.vm(name, args=[*blockdev(node), "-device", "virtio-blk-pci,drive=base,id=disk0"])
 
 
-def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> Machine:
+def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> VM:
     """A VM started on an existing chain, as a management tool does it: every backing layer
     read-only, each node named, the device on the top layer."""
     args: list[str] = []
@@ -66,12 +66,12 @@ def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> Machine:
     return qio.vm(name, args=args)
 
 
-def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+def writes(vm: VM, regions: Regions, pattern: int) -> None:
     """Guest writes through the device: they land in whatever the active layer is."""
     guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
-def snapshot(qio: Case, vm: Machine, method: str, base: str, overlay: str) -> None:
+def snapshot(qio: Case, vm: VM, method: str, base: str, overlay: str) -> None:
     """An external snapshot of ``base`` into a new ``overlay`` node, by either command."""
     path = qio.path(f"{overlay}.qcow2")
     if method == "blockdev-snapshot-sync":

@@ -47,8 +47,8 @@ from harness.backup import (
 )
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineExitError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 4 << 20
 GRAN = 64 << 10
@@ -91,7 +91,7 @@ SOURCE_EIO_AT = 0x210000
 # -- set-up and steps -------------------------------------------------------------------
 
 
-def start(qio: Case) -> Machine:
+def start(qio: Case) -> VM:
     """The source: qcow2 over a named file node, so a blkdebug can be put between."""
     qio.img.create("src.qcow2", SIZE)
     file0 = {"driver": "file", "filename": str(qio.path("src.qcow2")), "node-name": "file0"}
@@ -106,12 +106,12 @@ def bitmap_add(name: str, node: str = NODE, **more: Any) -> dict[str, Any]:
     return add_bitmap_action(node, name, GRAN, **more)
 
 
-def target(qio: Case, vm: Machine, image: str, backing: str | None = None,
+def target(qio: Case, vm: VM, image: str, backing: str | None = None,
            inject: tuple[dict[str, Any], ...] = ()) -> str:
     return add_target(qio, vm, image, SIZE, backing, inject)
 
 
-def take_full(qio: Case, vm: Machine, bitmaps: tuple[str, ...], image: str = "full.qcow2",
+def take_full(qio: Case, vm: VM, bitmaps: tuple[str, ...], image: str = "full.qcow2",
          device: str = NODE, source: str = "src.qcow2", n: int = 0,
          before: tuple[dict[str, Any], ...] = ()) -> Chain:
     """``before`` actions, new bitmaps and a full backup in one transaction."""
@@ -119,7 +119,7 @@ def take_full(qio: Case, vm: Machine, bitmaps: tuple[str, ...], image: str = "fu
                        [bitmap_add(b, device) for b in bitmaps], before)
 
 
-def insert_source_fault(qio: Case, vm: Machine) -> None:
+def insert_source_fault(qio: Case, vm: VM) -> None:
     """blkdebug under the source qcow2 node: the next read of one dirty cluster fails."""
     vm.qemu_io(NODE, "flush")
     host = host_offset(qio.img, "src.qcow2", SOURCE_EIO_AT)
@@ -131,7 +131,7 @@ def insert_source_fault(qio: Case, vm: Machine) -> None:
     vm.blockdev_reopen({"driver": "qcow2", "node-name": NODE, "file": "dbg"})
 
 
-def remove_source_fault(vm: Machine) -> None:
+def remove_source_fault(vm: VM) -> None:
     vm.blockdev_reopen({"driver": "qcow2", "node-name": NODE, "file": "file0"})
     vm.qmp_log("blockdev-del", node_name="dbg")
 
@@ -281,7 +281,7 @@ def test_incremental_and_differential(qio: Case) -> None:
     vm.shutdown()
 
 
-def checkpoint_backup(qio: Case, vm: Machine, n: int, image: str, sources: list[str],
+def checkpoint_backup(qio: Case, vm: VM, n: int, image: str, sources: list[str],
                       before: tuple[dict[str, Any], ...] = ()) -> None:
     """One transaction: ``before`` actions, a temporary bitmap merged from the checkpoint
     bitmaps ``sources``, and a backup from it onto the full backup. Then restored."""

@@ -29,8 +29,8 @@ from harness.actions import action, backup_job, writes
 from harness.backup import create_target, target_node
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineExitError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 pytestmark = pytest.mark.quick
 
@@ -44,7 +44,7 @@ KNOWN_BUG = ("QEMU bug seen in 10.2.2, not in 10.0.2, 10.0.13 or 7.2.22: when th
              "transactions, 20 of 20 runs of 10 rounds")
 
 
-def start(qio: Case) -> Machine:
+def start(qio: Case) -> VM:
     qio.img.create("src.qcow2", SIZE)
     vm = qio.vm(machine_type="none", args=blockdev(qcow2_node(qio.path("src.qcow2"), NODE)))
     vm.launch()
@@ -52,7 +52,7 @@ def start(qio: Case) -> Machine:
     return vm
 
 
-def one_round(qio: Case, vm: Machine, n: int, log: bool) -> None:
+def one_round(qio: Case, vm: VM, n: int, log: bool) -> None:
     """Targets a<n> and b<n>, both backups in one transaction, a waited for first."""
     jobs = (f"a{n}", f"b{n}")
     for job in jobs:

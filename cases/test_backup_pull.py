@@ -55,9 +55,9 @@ from harness.backup import (
 )
 from harness.block import blockdev, qcow2_node
 from harness.errors import OracleFailure
-from harness.machine import Machine
 from harness.model import Extents, format_ranges
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 4 << 20
 GRAN = 64 << 10
@@ -87,7 +87,7 @@ METHODS = (
 )
 
 
-def start(qio: Case) -> Machine:
+def start(qio: Case) -> VM:
     """The source: a qcow2 node under a virtio-blk device; the guest writes through it."""
     qio.img.create("src.qcow2", SIZE)
     vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("src.qcow2"), NODE)),
@@ -96,7 +96,7 @@ def start(qio: Case) -> Machine:
     return vm
 
 
-def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+def writes(vm: VM, regions: Regions, pattern: int) -> None:
     """Guest writes through the device (onto whatever filter the view put above it)."""
     guest_writes(vm, DEVICE, regions, pattern, device=True)
 
@@ -108,7 +108,7 @@ def bitmap_add(name: str, **more: Any) -> dict[str, Any]:
 class Fleecing:
     """The point-in-time view of ``NODE`` for backup ``n``, built by ``method``."""
 
-    def __init__(self, qio: Case, vm: Machine, method: str, n: int) -> None:
+    def __init__(self, qio: Case, vm: VM, method: str, n: int) -> None:
         self.qio, self.vm, self.method, self.n = qio, vm, method, n
         self.image = f"fleece{n}.qcow2"
         self.export: NbdExport | None = None
@@ -182,7 +182,7 @@ class Fleecing:
         vm.qmp_log("blockdev-del", node_name="fleece")
 
 
-def guest_writes_during(qio: Case, vm: Machine, export: NbdExport, ref: Reference,
+def guest_writes_during(qio: Case, vm: VM, export: NbdExport, ref: Reference,
                         regions: Regions, pattern: int) -> None:
     """The guest writes while the view is exported; the source changes, the view not."""
     writes(vm, regions, pattern)
@@ -198,7 +198,7 @@ def guest_writes_during(qio: Case, vm: Machine, export: NbdExport, ref: Referenc
     qio.log.log(f"export {export.name!r}: identical to reference {ref.n}")
 
 
-def pull_incremental(qio: Case, vm: Machine, export: NbdExport, bitmap: str, image: str,
+def pull_incremental(qio: Case, vm: VM, export: NbdExport, bitmap: str, image: str,
                      backing: str) -> Extents:
     """What a backup client does: map the bitmap over NBD, copy only its extents. What
     it read must be exactly the model's bitmap (rounded to its granularity)."""

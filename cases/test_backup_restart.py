@@ -45,8 +45,8 @@ from harness.actions import writes as guest_writes
 from harness.backup import Chain, reference, verify_restore
 from harness.bitmaps import live_bitmap
 from harness.block import blockdev, qcow2_node
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 4 << 20
 GRAN = 64 << 10
@@ -65,25 +65,25 @@ W6 = ((0x0, 0x200), (0x240000, 0x10000))        # after the restart
 ENDINGS = ("clean-restart", "sigkill")
 
 
-def base_vm(qio: Case) -> Machine:
+def base_vm(qio: Case) -> VM:
     """base.qcow2 under a virtio-blk device: the VM before the snapshot and after the
     commit (the same command line restarts it)."""
     return qio.vm(args=[*blockdev(qcow2_node(qio.path("base.qcow2"), "base")),
                         "-device", "virtio-blk-pci,drive=base,id=disk0"])
 
 
-def writes(vm: Machine, regions: Regions, pattern: int) -> None:
+def writes(vm: VM, regions: Regions, pattern: int) -> None:
     """Guest writes through the device: they land in whatever the active layer is."""
     guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
-def full(qio: Case, vm: Machine, n: int, node: str, image: str) -> Chain:
+def full(qio: Case, vm: VM, n: int, node: str, image: str) -> Chain:
     """A new persistent ``b0`` and a full backup in one transaction; restored at once."""
     return full_backup(qio, vm, node, f"{node}.qcow2", SIZE, n, image,
                        [bitmap_add(node, "b0", GRAN, persistent=True)])
 
 
-def incremental(qio: Case, vm: Machine, n: int, node: str, chain: Chain) -> Chain:
+def incremental(qio: Case, vm: VM, n: int, node: str, chain: Chain) -> Chain:
     """``sync=incremental`` from ``node``'s ``b0`` onto the chain, checked exactly before
     and after; restored at once."""
     qio.oracle.check_exact(vm, node, ["b0"], f"before backup {n}")

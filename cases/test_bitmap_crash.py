@@ -16,8 +16,8 @@ import pytest
 
 from harness.actions import Regions, writes
 from harness.block import blockdev, qcow2_node
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 16 << 20
 NODE = "drive0"
@@ -25,12 +25,12 @@ WRITES = ((0, 0x1000), (0x400000, 0x20000), (SIZE - 0x10000, 0x10000))
 MORE = ((0x10000, 0x200), (0x800000, 0x10000))
 
 
-def vm_for(qio: Case, name: str = "vm0") -> Machine:
+def vm_for(qio: Case, name: str = "vm0") -> VM:
     return qio.vm(name, args=blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
                   machine_type="none")
 
 
-def write_all(vm: Machine, node: str, regions: Regions) -> None:
+def write_all(vm: VM, node: str, regions: Regions) -> None:
     writes(vm, node, regions)
 
 
@@ -40,13 +40,13 @@ def stored_bitmap(qio: Case) -> None:
     qio.img.run("bitmap", "--add", "disk.qcow2", "b0", log=True)
 
 
-def crash(qio: Case, vm: Machine) -> None:
+def crash(qio: Case, vm: VM) -> None:
     status = vm.kill()
     assert status is not None and status < 0
     qio.log.log(f"SIGKILL {vm.name}")
 
 
-def refused_incremental_backup(qio: Case, vm: Machine, node: str) -> None:
+def refused_incremental_backup(qio: Case, vm: VM, node: str) -> None:
     """An incremental backup from b0 into a fresh target, which QEMU must refuse."""
     qio.img.create("target.qcow2", SIZE)
     vm.qmp_log("blockdev-add", qcow2_node(qio.path("target.qcow2"), "target"))
@@ -65,7 +65,7 @@ def inspect_offline(qio: Case) -> None:
     qio.check_disk("disk.qcow2", where="after the crash")
 
 
-def expect_inconsistent(qio: Case, vm: Machine, node: str) -> None:
+def expect_inconsistent(qio: Case, vm: VM, node: str) -> None:
     """Loaded as inconsistent, unusable for backup, and the oracle agrees."""
     (b,) = qio.show_bitmaps(vm, node, hashes=False)
     assert b.inconsistent, f"bitmap {b.name} loaded as valid after a crash"

@@ -22,8 +22,8 @@ import pytest
 from harness.actions import writes
 from harness.block import blockdev
 from harness.errors import MachineError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 16 << 20
 NODE = "drive0"
@@ -43,13 +43,13 @@ def qcow2_over(file_node: str, read_only: bool = False) -> dict[str, Any]:
     return opts
 
 
-def vm_for(qio: Case, read_only: bool = False, name: str = "vm0") -> Machine:
+def vm_for(qio: Case, read_only: bool = False, name: str = "vm0") -> VM:
     file_node = {"driver": "file", "filename": str(qio.path("disk.qcow2")), "node-name": "file0"}
     return qio.vm(name, machine_type="none",
                   args=[*blockdev(file_node), *blockdev(qcow2_over("file0", read_only))])
 
 
-def insert_fault(qio: Case, vm: Machine, fault: str, read_only: bool) -> None:
+def insert_fault(qio: Case, vm: VM, fault: str, read_only: bool) -> None:
     """Put a blkdebug filter with the fault between the qcow2 node and its file."""
     qio.log.log(f"inject EIO: {fault}")
     vm.qmp("blockdev-add", driver="blkdebug", image="file0", node_name="dbg",
@@ -57,7 +57,7 @@ def insert_fault(qio: Case, vm: Machine, fault: str, read_only: bool) -> None:
     vm.qmp("blockdev-reopen", options=[qcow2_over("dbg", read_only)])
 
 
-def qemu_said(qio: Case, vm: Machine, since: int) -> None:
+def qemu_said(qio: Case, vm: VM, since: int) -> None:
     """Log QEMU's own stderr lines about bitmaps since byte ``since`` of its log."""
     text = vm.log_path.read_bytes()[since:].decode(errors="replace")
     for line in text.splitlines():
@@ -65,11 +65,11 @@ def qemu_said(qio: Case, vm: Machine, since: int) -> None:
             qio.log.log("QEMU: " + line.split(": ", 1)[-1])
 
 
-def log_size(vm: Machine) -> int:
+def log_size(vm: VM) -> int:
     return vm.log_path.stat().st_size if vm.log_path.exists() else 0
 
 
-def setup(qio: Case, vm_read_only: bool = False) -> Machine:
+def setup(qio: Case, vm_read_only: bool = False) -> VM:
     qio.img.create("disk.qcow2", SIZE)
     qio.img.run("bitmap", "--add", "disk.qcow2", "b0", log=True)
     vm = vm_for(qio, read_only=vm_read_only)
@@ -77,7 +77,7 @@ def setup(qio: Case, vm_read_only: bool = False) -> Machine:
     return vm
 
 
-def try_writes(qio: Case, vm: Machine) -> None:
+def try_writes(qio: Case, vm: VM) -> None:
     """Guest writes after the failed step: QEMU may refuse them (a node whose bitmaps
     could not be made writable refuses writes); only accepted ones reach the model."""
     for off, length in AFTER:
@@ -89,7 +89,7 @@ def try_writes(qio: Case, vm: Machine) -> None:
     qio.check_live(vm, NODE, where="after the failed step")
 
 
-def written_then_armed(qio: Case, fault: str) -> Machine:
+def written_then_armed(qio: Case, fault: str) -> VM:
     """A read-write VM whose bitmap saw BEFORE, with the fault armed under the node."""
     vm = setup(qio)
     writes(vm, NODE, BEFORE)

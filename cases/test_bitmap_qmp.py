@@ -11,15 +11,15 @@ import pytest
 
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineExitError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 pytestmark = pytest.mark.quick
 
 SIZE = 8 << 20
 
 
-def vm_with_bitmaps(qio: Case) -> Machine:
+def vm_with_bitmaps(qio: Case) -> VM:
     qio.img.create("disk.qcow2", SIZE)
     vm = qio.vm(args=blockdev(qcow2_node(qio.path("disk.qcow2"), "drive0")),
                 machine_type="none")

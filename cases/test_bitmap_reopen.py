@@ -14,8 +14,8 @@ import pytest
 from harness.actions import Regions, writes
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 32 << 20
 NODE = "drive0"
@@ -31,16 +31,16 @@ CYCLE_WRITES = (
 )
 
 
-def vm_for(qio: Case, name: str = "vm0") -> Machine:
+def vm_for(qio: Case, name: str = "vm0") -> VM:
     return qio.vm(name, args=blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
                   machine_type="none")
 
 
-def reopen(qio: Case, vm: Machine, read_only: bool) -> None:
+def reopen(qio: Case, vm: VM, read_only: bool) -> None:
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=read_only))
 
 
-def write_all(vm: Machine, regions: Regions) -> None:
+def write_all(vm: VM, regions: Regions) -> None:
     writes(vm, NODE, regions)
 
 

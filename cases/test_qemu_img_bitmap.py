@@ -13,8 +13,8 @@ import pytest
 from harness.bitmaps import LiveBitmap, live_bitmaps, sha256
 from harness.block import blockdev, qcow2_node
 from harness.errors import ToolError
-from harness.machine import Machine
 from harness.session import Case
+from harness.vm import VM
 
 pytestmark = pytest.mark.quick
 
@@ -22,7 +22,7 @@ SIZE = 64 << 20
 WRITES = ((0, 0x10000), (0x123400, 0x800), (0x3FF0000, 0x10000))
 
 
-def open_vm(qio: Case, image: str, name: str = "vm0") -> Machine:
+def open_vm(qio: Case, image: str, name: str = "vm0") -> VM:
     """A VM with ``image`` as node ``drive0`` (no guest device: only the node matters)."""
     vm = qio.vm(name, args=blockdev(qcow2_node(qio.path(image), "drive0")),
                 machine_type="none")

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from harness.backup import Case, Chain, create_target, reference, target_node, verify_restore
-from harness.machine import Machine
+from harness.vm import VM
 
 Regions = Sequence[tuple[int, int]]
 
 
-def writes(vm: Machine, target: str, regions: Regions, pattern: int | None = 0x5A,
+def writes(vm: VM, target: str, regions: Regions, pattern: int | None = 0x5A,
            device: bool = False, zero: bool = False) -> None:
     """qemu-io writes of ``pattern`` (qemu-io's own with None; zero writes with ``zero``)
     over ``regions`` to ``target``: a node, or with ``device`` a guest device
@@ -48,7 +48,7 @@ def bitmap_add(node: str, name: str, granularity: int | None = None,
     return action("block-dirty-bitmap-add", node=node, name=name, **more)
 
 
-def add_target(qio: Case, vm: Machine, image: str, size: int, backing: str | None = None,
+def add_target(qio: Case, vm: VM, image: str, size: int, backing: str | None = None,
                inject: Sequence[dict[str, Any]] = ()) -> str:
     """A backup target: ``image`` created (over ``backing``, the previous backup) and
     added as the node named like the image without ``.qcow2``; returns that name."""
@@ -58,7 +58,7 @@ def add_target(qio: Case, vm: Machine, image: str, size: int, backing: str | Non
     return node
 
 
-def del_target(vm: Machine, image: str) -> None:
+def del_target(vm: VM, image: str) -> None:
     vm.qmp_log("blockdev-del", node_name=image.removesuffix(".qcow2"))
 
 
@@ -69,13 +69,13 @@ def backup_job(job: str, device: str, target: str, **more: Any) -> dict[str, Any
             **{k.replace("_", "-"): v for k, v in more.items()}}
 
 
-def backup(vm: Machine, job: str, device: str, target: str, **more: Any) -> str | None:
+def backup(vm: VM, job: str, device: str, target: str, **more: Any) -> str | None:
     """``blockdev-backup`` (see :func:`backup_job`) run to its end; its error or None."""
     vm.qmp_log("blockdev-backup", backup_job(job, device, target, **more))
     return vm.run_job(job)
 
 
-def full_backup(qio: Case, vm: Machine, node: str, source: str, size: int, n: int = 0,
+def full_backup(qio: Case, vm: VM, node: str, source: str, size: int, n: int = 0,
                 image: str = "full.qcow2", bitmaps: Sequence[dict[str, Any]] = (),
                 before: Sequence[dict[str, Any]] = ()) -> Chain:
     """``before`` actions, ``bitmaps`` (:func:`bitmap_add` actions) and a full backup of
@@ -94,7 +94,7 @@ def full_backup(qio: Case, vm: Machine, node: str, source: str, size: int, n: in
     return chain
 
 
-def incremental_backup(qio: Case, vm: Machine, node: str, source: str, size: int, n: int,
+def incremental_backup(qio: Case, vm: VM, node: str, source: str, size: int, n: int,
                        chain: Chain, bitmap: str = "b0") -> Chain:
     """``sync=incremental`` from ``bitmap`` of ``node`` onto ``chain``; the bitmap is then
     checked exactly (the model knows every bit after a backup) and the chain restored."""

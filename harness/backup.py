@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.errors import HarnessError, RestoreMismatch
 from harness.filters import TextFilter
-from harness.machine import Machine
 from harness.model import Extents, format_ranges
 from harness.tools import QemuImg, QemuIO
 from harness.transcript import Transcript
+from harness.vm import VM
 
 if TYPE_CHECKING:
     from harness.oracle import Oracle
@@ -81,7 +81,7 @@ class Chain:
                            for i in self.images)
 
 
-def reference(qio: Case, vm: Machine, node: str, image: str, n: int) -> Reference:
+def reference(qio: Case, vm: VM, node: str, image: str, n: int) -> Reference:
     """Capture the source's content now: flush ``node``, then copy its image file.
 
     Call it right before starting backup ``n``, with no write in between. ``-U`` reads
@@ -271,12 +271,12 @@ class NbdExport:
         return ",".join(opts)
 
 
-def nbd_server_start(vm: Machine, socket: Path) -> None:
+def nbd_server_start(vm: VM, socket: Path) -> None:
     """``nbd-server-start`` on a unix socket (logged)."""
     vm.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": str(socket)}})
 
 
-def nbd_export_add(vm: Machine, node: str, name: str, socket: Path,
+def nbd_export_add(vm: VM, node: str, name: str, socket: Path,
                    bitmap: str | dict[str, str] | None = None) -> NbdExport:
     """Export ``node`` read-only as ``name``, with ``bitmap`` (a disabled bitmap, by name
     or as ``{"node", "name"}``) as the meta context ``qemu:dirty-bitmap:NAME``.
@@ -298,7 +298,7 @@ def nbd_export_add(vm: Machine, node: str, name: str, socket: Path,
     return NbdExport(socket, name)
 
 
-def nbd_export_del(vm: Machine, export: NbdExport) -> None:
+def nbd_export_del(vm: VM, export: NbdExport) -> None:
     """Remove the export (``block-export-del`` and its BLOCK_EXPORT_DELETED event, or
     ``nbd-server-remove``), logged."""
     if vm.has_command("block-export-del"):

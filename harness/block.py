@@ -1,7 +1,8 @@
-"""Block-layer conveniences over one Machine: node options, qemu-io over HMP, reopen.
+"""Block-layer conveniences over one VM: node options, qemu-io over HMP, reopen.
 
-These are what iotests' ``VM`` adds on top of the process: each is a plain QMP command
-underneath, sent through :meth:`Machine.qmp` so the oracle sees it like any other.
+These are what iotests' ``VM`` (here :class:`harness.vm.VM`) adds on top of the process:
+each is a plain QMP command underneath, sent through :meth:`Machine.qmp` so the oracle
+sees it like any other.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from harness.errors import MachineError, MachineStateError
 from harness.machine import tail
 
 if TYPE_CHECKING:
-    from harness.machine import Machine
+    from harness.vm import VM
 
 
 def blockdev(options: dict[str, Any]) -> list[str]:
@@ -37,11 +38,11 @@ def qcow2_node(path: str | Path, node: str, read_only: bool = False,
     return opts
 
 
-def blockdev_reopen(vm: Machine, options: dict[str, Any], log: bool = True,
+def blockdev_reopen(vm: VM, options: dict[str, Any], log: bool = True,
                     expect_error: str | bool = False) -> dict[str, Any]:
     """Reopen one node with new options: ``blockdev-reopen`` (6.1+, takes a list) or
     ``x-blockdev-reopen`` (older, takes the options directly). Returns the reply; an
-    error reply raises unless ``expect_error`` (see :meth:`Machine.qmp_log`)."""
+    error reply raises unless ``expect_error`` (see :meth:`VM.qmp_log`)."""
     if vm.has_command("blockdev-reopen"):
         cmd, args = "blockdev-reopen", {"options": [options]}
     elif vm.has_command("x-blockdev-reopen"):
@@ -57,7 +58,7 @@ def blockdev_reopen(vm: Machine, options: dict[str, Any], log: bool = True,
     return reply
 
 
-def qemu_io(vm: Machine, target: str, command: str, log: bool = False,
+def qemu_io(vm: VM, target: str, command: str, log: bool = False,
             device: bool = False, check: bool = True) -> str:
     """Run one qemu-io command on a node (or a device with ``device=True``) via HMP.
 

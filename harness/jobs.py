@@ -8,7 +8,7 @@ finalized or dismissed here, after its error has been read (with ``auto-dismiss:
 that error is still there to read; with QEMU's default the job is gone by then and the
 error comes from its ``BLOCK_JOB_COMPLETED`` event).
 
-The oracle sees the same events through the machine's observer, so a job's outcome
+The oracle sees the same events through the VM's observer, so a job's outcome
 reaches the model without the case saying anything.
 """
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from harness.errors import MachineTimeout
 
 if TYPE_CHECKING:
-    from harness.machine import Machine
+    from harness.vm import VM
 
 JOB_EVENTS = (
     "JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
@@ -30,7 +30,7 @@ JOB_EVENTS = (
 
 
 def run_job(
-    vm: Machine,
+    vm: VM,
     job_id: str,
     *,
     complete: bool = False,
@@ -107,7 +107,7 @@ def run_job(
     return error
 
 
-def _waits(vm: Machine, job_id: str, status: str) -> dict[str, Any] | None:
+def _waits(vm: VM, job_id: str, status: str) -> dict[str, Any] | None:
     """The job's ``query-jobs`` entry if it still sits in ``status`` (it waits for us)."""
     for job in vm.qmp("query-jobs"):
         if job["id"] == job_id and job["status"] == status:
@@ -115,7 +115,7 @@ def _waits(vm: Machine, job_id: str, status: str) -> dict[str, Any] | None:
     return None
 
 
-def _job_cmd(vm: Machine, cmd: str, job_id: str, log: bool) -> None:
+def _job_cmd(vm: VM, cmd: str, job_id: str, log: bool) -> None:
     if log and vm.transcript is not None:
         vm.transcript.qmp_command(cmd, {"id": job_id}, vm.log_prefix)
     vm.qmp(cmd, id=job_id)

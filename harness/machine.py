@@ -12,8 +12,10 @@ status, a lost QMP connection) raise :class:`MachineExitError` with the command 
 status and log tail.
 
 All QMP traffic goes to ``<scratch>/<name>.qmp.log``; QEMU's stdout/stderr to
-``<scratch>/<name>.log``. Only ``qmp_log``, ``run_job`` and ``qemu_io(log=True)`` write to
-the test's transcript.
+``<scratch>/<name>.log``. Nothing here writes to the test's transcript: this is the
+process layer (QEMU's ``QEMUMachine``). The case-facing conveniences (``qmp_log``,
+``run_job``, ``qemu_io``, the transcript) are :class:`harness.vm.VM`, a subclass the case
+context creates; the harness's own reads (the oracle, the probe) need only this channel.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, Self
 
 from qemu.qmp import ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError as LibQMPError
@@ -41,21 +43,11 @@ from harness.errors import (
     CommandError,
     ConfigError,
     LaunchError,
-    MachineError,
     MachineExitError,
     MachineStateError,
     MachineTimeout,
 )
-from harness.processes import (
-    REGISTRY,
-    exited,
-    file_size_limit_hit,
-    kill_group,
-    limit_note,
-    max_file_size,
-    wait_exit,
-)
-from harness.transcript import Transcript
+from harness.processes import REGISTRY, exited, kill_group, max_file_size, wait_exit
 
 SOCKET_PATH_MAX = 107
 LAUNCH_TIMEOUT = 30.0
@@ -124,8 +116,6 @@ class Machine:
         args: Sequence[str] = (),
         machine_type: str = "pc",
         sockdir: Path | None = None,
-        transcript: Transcript | None = None,
-        log_prefix: str = "",
         qmp_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         observer: Observer | None = None,
@@ -136,8 +126,6 @@ class Machine:
         self.accel = accel
         self.args = list(args)
         self.machine_type = machine_type
-        self.transcript = transcript
-        self.log_prefix = log_prefix
         self.qmp_timeout = qmp_timeout
         self.env = env
         self.observer = observer
@@ -153,7 +141,7 @@ class Machine:
         self._commands: frozenset[str] | None = None
         self._qmp_log: IO[str] | None = None
         self._expect_exit = False
-        self._fsize: int | None = None
+        self.fsize_limit: int | None = None  # RLIMIT_FSIZE the process was started under
         self.log_path = self.scratch / f"{name}.log"
         self.qmp_log_path = self.scratch / f"{name}.qmp.log"
         self.launches = 0
@@ -181,7 +169,7 @@ class Machine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         if self.state != "running":
             self.launch()
         return self
@@ -228,7 +216,7 @@ class Machine:
             env = dict(os.environ if self.env is None else self.env)
             env.update(LANG="C", LC_ALL="C", TZ="UTC")
             with open(self.log_path, "ab") as logf:
-                self._fsize = max_file_size()
+                self.fsize_limit = max_file_size()
                 self._proc = REGISTRY.spawn(
                     self.argv, f"{self.name} ({self.qemu})", stdout=logf,
                     stderr=subprocess.STDOUT, env=env,
@@ -333,19 +321,6 @@ class Machine:
                 return  # the case sent quit itself
             raise MachineExitError(self.name, "died when the case did not ask it to",
                                    self.argv, status, tail(self.log_path))
-
-    def check_file_size(self) -> None:
-        """Raise if QEMU hit the file-size limit: it lives on, but its writes past the limit
-        failed with EFBIG (SIGXFSZ is blocked in its I/O threads), so the case is void."""
-        if self.state == "running" and self._limit_hit():
-            raise MachineError(self.name, self._limit_sentence(), self.argv, None,
-                               tail(self.log_path))
-
-    def _limit_hit(self) -> bool:
-        return self._proc is not None and file_size_limit_hit(self._proc.pid)
-
-    def _limit_sentence(self) -> str:
-        return f"a write reached {limit_note(self._fsize)}, so QEMU got EFBIG (SIGXFSZ)"
 
     def _reap(self, kill: bool, timeout: float = 5.0) -> int | None:
         if self._proc is None:
@@ -512,38 +487,6 @@ class Machine:
                                self.argv, tail(self.log_path))
         return reply["return"]
 
-    def qmp_log(self, cmd: str, arguments: Mapping[str, Any] | None = None, /, *,
-                expect_error: str | bool = False, check: bool = True,
-                **kw: Any) -> dict[str, Any]:
-        """Run a command, show it and QEMU's reply in the transcript, return the reply.
-
-        An error reply raises CommandError (after it is in the transcript), unless the
-        case expects one: ``expect_error=True``, or the error class or a piece of its
-        message (``expect_error="read-only"``); then a success raises instead. With
-        ``check=False`` either reply is returned (QEMU's answer is what is recorded)."""
-        args = {**dict(arguments or {}), **qmp_names(kw)}
-        if self.transcript is not None:
-            self.transcript.qmp_command(cmd, args, self.log_prefix)
-        reply = self.qmp_raw(cmd, args)
-        if self.transcript is not None:
-            self.transcript.qmp_reply(reply, self.log_prefix)
-        sent = {"execute": cmd, "arguments": args}
-        if not check:
-            return reply
-        if "error" in reply and not expect_error:
-            raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path))
-        if expect_error:
-            err = reply.get("error")
-            if err is None:
-                raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path),
-                                   expected=str(expect_error))
-            if isinstance(expect_error, str) and expect_error not in (
-                    str(err.get("class")), str(err.get("desc"))) and \
-                    expect_error not in str(err.get("desc")):
-                raise CommandError(self.name, sent, reply, self.argv, tail(self.log_path),
-                                   expected=expect_error)
-        return reply
-
     def undo(self, cmd: str, **args: Any) -> None:
         """A QMP command that undoes a step, for a ``finally``: it never hides the real cause.
 
@@ -571,35 +514,6 @@ class Machine:
             reply = self.execute("query-commands")
             self._commands = frozenset(c["name"] for c in reply.get("return", []))
         return name in self._commands
-
-    def hmp(self, command_line: str) -> str:
-        """A human monitor command through QMP; returns its text output."""
-        return str(self.qmp("human-monitor-command", command_line=command_line))
-
-    # -- conveniences that live in their own modules --------------------------------------
-
-    def limit_note(self) -> str:
-        """``"; <why>"`` when QEMU hit the file-size limit (a failed write's likely
-        cause), else ``""``."""
-        return f"; {self._limit_sentence()}" if self._limit_hit() else ""
-
-    def run_job(self, job_id: str, **kw: Any) -> str | None:
-        """:func:`harness.jobs.run_job` on this VM."""
-        from harness.jobs import run_job
-
-        return run_job(self, job_id, **kw)
-
-    def qemu_io(self, target: str, command: str, **kw: Any) -> str:
-        """:func:`harness.block.qemu_io` on this VM."""
-        from harness.block import qemu_io
-
-        return qemu_io(self, target, command, **kw)
-
-    def blockdev_reopen(self, options: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        """:func:`harness.block.blockdev_reopen` on this VM."""
-        from harness.block import blockdev_reopen
-
-        return blockdev_reopen(self, options, **kw)
 
     # -- events ---------------------------------------------------------------------------
 

@@ -105,6 +105,14 @@ def limit_note(limit: int | None = -1) -> str:
     return f"the file-size limit of {size} (--max-file-size)"
 
 
+def file_size_problem(pid: int | None, limit: int | None) -> str | None:
+    """Why the writes of process ``pid`` (started under ``limit``) failed, if it hit the
+    file-size limit: one sentence for an error message; ``None`` when it did not."""
+    if pid is None or not file_size_limit_hit(pid):
+        return None
+    return f"a write reached {limit_note(limit)}, so QEMU got EFBIG (SIGXFSZ)"
+
+
 def file_size_limit_hit(pid: int) -> bool:
     """Whether a thread of ``pid`` has SIGXFSZ pending.
 

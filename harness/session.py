@@ -27,6 +27,7 @@ from harness.oracle import Oracle
 from harness.processes import REGISTRY
 from harness.tools import QemuImg, QemuIO, QemuNBD
 from harness.transcript import Transcript
+from harness.vm import VM
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Case:
                                path_filter(str(self.sockdir), "SOCK_DIR")])
         self.img = QemuImg(env.binaries.path("img"), self.scratch, self.log)
         self.io = QemuIO(env.binaries.path("io"), self.scratch, self.log)
-        self.machines: list[Machine] = []
+        self.machines: list[VM] = []
         self.nbd_servers: list[QemuNBD] = []
         self._pids_before = {pid for pid, _ in REGISTRY.alive()}
         self.hashes = HashLabels()
@@ -105,9 +106,10 @@ class Case:
         return self.scratch / name
 
     def vm(self, name: str = "vm0", args: Sequence[str] = (), machine_type: str = "pc",
-           log_prefix: str = "", **kw: Any) -> Machine:
-        """A Machine (not launched yet) that is shut down when the test ends."""
-        m = Machine(name, self.env.binaries.path("system"), scratch=self.scratch,
+           log_prefix: str = "", **kw: Any) -> VM:
+        """A VM (not launched yet) that is shut down when the test ends. It writes to this
+        case's transcript, which the case owns, and the oracle observes it."""
+        m = VM(name, self.env.binaries.path("system"), scratch=self.scratch,
                     accel=self.env.accel, args=args, machine_type=machine_type,
                     sockdir=self.sockdir, transcript=self.log, log_prefix=log_prefix,
                     observer=self.oracle, **kw)
@@ -121,7 +123,7 @@ class Case:
         self.nbd_servers.append(server)
         return server
 
-    def show_bitmaps(self, vm: Machine, node: str, hashes: bool = True) -> list[LiveBitmap]:
+    def show_bitmaps(self, vm: VM, node: str, hashes: bool = True) -> list[LiveBitmap]:
         """Log the node's live bitmaps (count, granularity, flags, hash label)."""
         found = live_bitmaps(vm, node)
         if not found:

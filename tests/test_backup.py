@@ -33,9 +33,9 @@ from harness.backup import (
 )
 from harness.block import blockdev, qcow2_node
 from harness.errors import ModelError, OracleFailure, RestoreMismatch
-from harness.machine import Machine
 from harness.model import Extents, Model, SyncBitmapJob
 from harness.session import Case, Environment
+from harness.vm import VM
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -164,7 +164,7 @@ def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
 
 @dataclass
 class Setup:
-    vm: Machine
+    vm: VM
     chain: Chain
     ref: Reference
 

@@ -29,6 +29,7 @@ from harness.errors import (
 from harness.machine import Machine, short_socket_dir
 from harness.processes import REGISTRY
 from harness.transcript import Transcript
+from harness.vm import VM
 from tests.conftest import fake_program, pid_gone, process_alive, wait_pid_gone
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -45,10 +46,10 @@ def sockdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def vm(qemu_system: str, tmp_path: Path, sockdir: Path) -> Iterator[Machine]:
+def vm(qemu_system: str, tmp_path: Path, sockdir: Path) -> Iterator[VM]:
     """A running VM without a machine (nothing to emulate), shut down after the test."""
-    m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none", sockdir=sockdir,
-                transcript=Transcript([]))
+    m = VM("vm0", qemu_system, scratch=tmp_path, machine_type="none", sockdir=sockdir,
+           transcript=Transcript([]))
     m.launch()
     yield m
     m.shutdown(check=False, timeout=3)
@@ -59,7 +60,7 @@ def dead(pid: int) -> None:
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
-def put_something_in_the_log(vm: Machine) -> None:
+def put_something_in_the_log(vm: VM) -> None:
     vm.qmp("blockdev-add", driver="null-co", **{"node-name": "null0"})
     vm.qemu_io("null0", "write 0 4k")
 
@@ -87,8 +88,8 @@ def test_bad_option_fails_fast_with_qemus_message(qemu_system: str, tmp_path: Pa
 @pytest.mark.parametrize("own_sockdir", [False, True], ids=["case-sockdir", "own-sockdir"])
 def test_sigkill_from_outside_then_qmp(qemu_system: str, tmp_path: Path, sockdir: Path,
                                        own_sockdir: bool) -> None:
-    m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none",
-                sockdir=None if own_sockdir else sockdir)
+    m = VM("vm0", qemu_system, scratch=tmp_path, machine_type="none",
+           sockdir=None if own_sockdir else sockdir)
     m.launch()
     put_something_in_the_log(m)
     assert m.pid is not None
@@ -108,7 +109,7 @@ def test_sigkill_from_outside_then_qmp(qemu_system: str, tmp_path: Path, sockdir
     assert not process_alive(pid)
 
 
-def test_sigkill_from_outside_then_check_alive(vm: Machine) -> None:
+def test_sigkill_from_outside_then_check_alive(vm: VM) -> None:
     put_something_in_the_log(vm)
     assert vm.pid is not None
     os.kill(vm.pid, signal.SIGKILL)
@@ -120,7 +121,7 @@ def test_sigkill_from_outside_then_check_alive(vm: Machine) -> None:
     assert vm.shutdown() == -signal.SIGKILL
 
 
-def test_sigkill_noticed_by_shutdown(vm: Machine) -> None:
+def test_sigkill_noticed_by_shutdown(vm: VM) -> None:
     assert vm.pid is not None
     os.kill(vm.pid, signal.SIGKILL)
     dead(vm.pid)
@@ -129,7 +130,7 @@ def test_sigkill_noticed_by_shutdown(vm: Machine) -> None:
     assert vm.shutdown() == -signal.SIGKILL
 
 
-def test_kill_on_purpose_is_not_an_error(vm: Machine) -> None:
+def test_kill_on_purpose_is_not_an_error(vm: VM) -> None:
     pid = vm.pid
     assert pid is not None
     assert vm.kill() == -signal.SIGKILL
@@ -175,7 +176,7 @@ def test_shutdown_of_a_hung_qemu_keeps_to_its_timeout(qemu_system: str, tmp_path
     assert time.monotonic() - start < 1.5
 
 
-def test_shutdown_twice_and_qmp_when_stopped(vm: Machine) -> None:
+def test_shutdown_twice_and_qmp_when_stopped(vm: VM) -> None:
     assert vm.shutdown() == 0
     assert vm.shutdown() == 0
     assert vm.state == "stopped"
@@ -185,7 +186,7 @@ def test_shutdown_twice_and_qmp_when_stopped(vm: Machine) -> None:
         vm.event_wait("STOP", timeout=1)
 
 
-def test_quit_sent_by_the_case_is_not_an_unexpected_exit(vm: Machine) -> None:
+def test_quit_sent_by_the_case_is_not_an_unexpected_exit(vm: VM) -> None:
     assert vm.qmp("quit") == {}
     assert vm.pid is not None
     dead(vm.pid)
@@ -210,7 +211,7 @@ def test_context_manager_stops_qemu_when_the_body_fails(qemu_system: str,
     assert pid is not None and not process_alive(pid)
 
 
-def test_qmp_error_keeps_what_was_sent_and_received(vm: Machine) -> None:
+def test_qmp_error_keeps_what_was_sent_and_received(vm: VM) -> None:
     with pytest.raises(CommandError) as ei:
         vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
     e = ei.value
@@ -226,40 +227,40 @@ def test_qmp_error_keeps_what_was_sent_and_received(vm: Machine) -> None:
     assert reply["error"]["class"] == "GenericError"
 
 
-def test_qmp_error_message_ends_with_the_command_line(vm: Machine) -> None:
+def test_qmp_error_message_ends_with_the_command_line(vm: VM) -> None:
     with pytest.raises(CommandError) as ei:
         vm.qmp("block-dirty-bitmap-add", node="nosuch", name="b0")
     assert ei.value.argv == vm.argv
     assert f"command: {vm.qemu}" in str(ei.value)
 
 
-def test_event_wait_timeout_names_the_event(vm: Machine) -> None:
+def test_event_wait_timeout_names_the_event(vm: VM) -> None:
     start = time.monotonic()
     with pytest.raises(MachineTimeout, match=r"no BLOCK_JOB_COMPLETED event within 1 s"):
         vm.event_wait("BLOCK_JOB_COMPLETED", timeout=1.0)
     assert 1.0 <= time.monotonic() - start < 3
 
 
-def test_a_short_timeout_is_printed_as_given(vm: Machine) -> None:
+def test_a_short_timeout_is_printed_as_given(vm: VM) -> None:
     with pytest.raises(MachineTimeout) as ei:
         vm.event_wait("BLOCK_JOB_COMPLETED", timeout=0.3)
     assert "within 0 s" not in str(ei.value)
 
 
-def test_event_wait_gets_an_event_that_came_during_a_command(vm: Machine) -> None:
+def test_event_wait_gets_an_event_that_came_during_a_command(vm: VM) -> None:
     vm.qmp("stop")
     ev = vm.event_wait("STOP", timeout=5)
     assert ev["event"] == "STOP" and "timestamp" in ev
     assert vm.events(["STOP"]) == []  # taken once
 
 
-def backup(vm: Machine, job: str, target: str, **extra: object) -> None:
+def backup(vm: VM, job: str, target: str, **extra: object) -> None:
     vm.qmp_log("blockdev-backup", {"job-id": job, "device": "src", "target": target,
                                    "sync": "full", **extra})
 
 
 @pytest.fixture
-def backup_vm(vm: Machine) -> Machine:
+def backup_vm(vm: VM) -> VM:
     vm.qmp("blockdev-add", driver="null-co", node_name="src", size=1 << 20)
     vm.qmp("blockdev-add", driver="null-co", node_name="tgt", size=1 << 20)
     vm.qmp("blockdev-add", driver="blkdebug", node_name="eio",
@@ -268,7 +269,7 @@ def backup_vm(vm: Machine) -> Machine:
     return vm
 
 
-def test_run_job_backup_logs_events_and_returns_none(backup_vm: Machine) -> None:
+def test_run_job_backup_logs_events_and_returns_none(backup_vm: VM) -> None:
     vm = backup_vm
     assert vm.transcript is not None
     backup(vm, "j0", "tgt", **{"auto-dismiss": False})
@@ -287,17 +288,17 @@ def test_run_job_backup_logs_events_and_returns_none(backup_vm: Machine) -> None
     assert '{"execute": "job-dismiss", "arguments": {"id": "j0"}}' in lines
 
 
-def test_run_job_returns_the_error_of_a_failed_job(backup_vm: Machine) -> None:
+def test_run_job_returns_the_error_of_a_failed_job(backup_vm: VM) -> None:
     backup(backup_vm, "j0", "eio", **{"auto-dismiss": False})
     assert backup_vm.run_job("j0") == "Input/output error"
 
 
-def test_run_job_returns_the_error_of_an_auto_dismissed_job(backup_vm: Machine) -> None:
+def test_run_job_returns_the_error_of_an_auto_dismissed_job(backup_vm: VM) -> None:
     backup(backup_vm, "j0", "eio")
     assert backup_vm.run_job("j0") == "Input/output error"
 
 
-def test_qemu_io_check(vm: Machine, tmp_path: Path) -> None:
+def test_qemu_io_check(vm: VM, tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(1 << 20))
     vm.qmp("blockdev-add", driver="raw", **{"node-name": "d0"},
@@ -315,7 +316,7 @@ def test_qemu_io_check(vm: Machine, tmp_path: Path) -> None:
     assert image.read_bytes()[:4096] == b"\x5a" * 4096
 
 
-def test_qemu_io_log_goes_to_the_transcript_filtered(vm: Machine) -> None:
+def test_qemu_io_log_goes_to_the_transcript_filtered(vm: VM) -> None:
     vm.qmp("blockdev-add", driver="null-co", **{"node-name": "null0"})
     vm.qemu_io("null0", "write 0 64k", log=True)
     vm.qemu_io("null0", "write 0 4k")  # log=False: not in the story
@@ -327,7 +328,7 @@ def test_qemu_io_log_goes_to_the_transcript_filtered(vm: Machine) -> None:
     )
 
 
-def test_blkdebug_error_through_qemu_io(vm: Machine) -> None:
+def test_blkdebug_error_through_qemu_io(vm: VM) -> None:
     vm.qmp("blockdev-add", **{"driver": "blkdebug", "node-name": "eio",
                               "image": {"driver": "null-co", "size": 1 << 20},
                               "inject-error": [{"event": "pwritev", "errno": 28,
@@ -381,7 +382,7 @@ def test_socket_dir_removed_after_shutdown(qemu_system: str, tmp_path: Path) -> 
     assert not m.socket_path.parent.exists()
 
 
-def test_a_case_socket_dir_is_left_to_its_owner(vm: Machine, sockdir: Path) -> None:
+def test_a_case_socket_dir_is_left_to_its_owner(vm: VM, sockdir: Path) -> None:
     assert vm.socket_path.parent == sockdir
     vm.shutdown()
     assert sockdir.is_dir() and list(sockdir.iterdir()) == []
@@ -449,10 +450,10 @@ def test_a_qemu_that_writes_past_the_file_size_limit_fails_saying_so(
     os.truncate(disk, 8 << 20)
     processes.set_max_file_size(1 << 20)
     try:
-        m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none",
-                    sockdir=sockdir, args=["-blockdev", json.dumps(
-                        {"driver": "raw", "node-name": "d",
-                         "file": {"driver": "file", "filename": str(disk)}})])
+        m = VM("vm0", qemu_system, scratch=tmp_path, machine_type="none",
+               sockdir=sockdir, args=["-blockdev", json.dumps(
+                   {"driver": "raw", "node-name": "d",
+                    "file": {"driver": "file", "filename": str(disk)}})])
         m.launch()
     finally:
         processes.set_max_file_size(processes.DEFAULT_MAX_FILE_SIZE)

@@ -22,9 +22,9 @@ from harness.actions import writes
 from harness.bitmaps import live_bitmaps, live_ranges, ranges_count, ranges_sha256, sha256
 from harness.block import blockdev, qcow2_node
 from harness.errors import CommandError, MachineExitError, OracleFailure, UnmodelledCommand
-from harness.machine import Machine
 from harness.session import Case, Environment
 from harness.tools import QemuImg
+from harness.vm import VM
 
 MiB = 1 << 20
 
@@ -41,7 +41,7 @@ def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
     assert c.close(failed=False) == []
 
 
-def start(case: Case) -> Machine:
+def start(case: Case) -> VM:
     case.img.create("disk.qcow2", 8 * MiB)
     vm = case.vm(args=blockdev(qcow2_node(case.path("disk.qcow2"), "drive0")),
                  machine_type="none")
@@ -50,7 +50,7 @@ def start(case: Case) -> Machine:
     return vm
 
 
-def write(vm: Machine, offset: int, length: int) -> None:
+def write(vm: VM, offset: int, length: int) -> None:
     writes(vm, "drive0", [(offset, length)])
 
 
@@ -131,7 +131,7 @@ class _KillingImg:
     """qemu-img that kills the VM (SIGKILL, unasked) just before it reads the NBD view,
     as when QEMU crashes while the oracle reads a bitmap."""
 
-    def __init__(self, case: Case, vm: Machine) -> None:
+    def __init__(self, case: Case, vm: VM) -> None:
         self.case, self.vm = case, vm
 
     def json(self, *args: str) -> object:

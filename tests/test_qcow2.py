@@ -27,9 +27,9 @@ import pytest
 from harness.bitmaps import live_bitmaps
 from harness.block import blockdev, qcow2_node
 from harness.errors import HarnessError, Qcow2FormatError
-from harness.machine import Machine
 from harness.model import Extents
 from harness.qcow2 import BitmapNotFoundError, Qcow2Image
+from harness.vm import VM
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -89,13 +89,13 @@ def patch(path: Path, offset: int, data: bytes) -> None:
 
 
 class Qemu:
-    """The image as node "disk" in a ``-machine none`` QEMU (a harness Machine), with the
+    """The image as node "disk" in a ``-machine none`` QEMU (a harness VM), with the
     few calls these tests need; the VM is always stopped on exit from the ``with``."""
 
     def __init__(self, image: Path, log: Path, read_only: bool = False) -> None:
         node = qcow2_node(image, "disk", read_only=read_only)
-        self.vm = Machine(log.stem, tool("qemu-system-x86_64"), scratch=log.parent,
-                          machine_type="none", args=blockdev(node))
+        self.vm = VM(log.stem, tool("qemu-system-x86_64"), scratch=log.parent,
+                     machine_type="none", args=blockdev(node))
         self.vm.launch()
 
     def cmd(self, command: str, **arguments: Any) -> Any:
