@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 
-from harness.actions import Regions
-from harness.actions import writes as guest_writes
+from harness.actions import guest_writes
 from harness.block import blockdev, qcow2_node
 from harness.session import Case
 from harness.vm import VM
 
 SIZE = 4 << 20
-DEVICE = "disk0/virtio-backend"
 # (offset, length) of each phase's writes; some straddle 64 KiB granules
 BEFORE_SNAPSHOT = ((0, 0x10000), (0x2FF000, 0x2000))
 IN_OVERLAY = ((0x10000, 0x200), (0x100000, 0x30000))
@@ -66,10 +64,6 @@ def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> VM:
     return qio.vm(name, args=args)
 
 
-def writes(vm: VM, regions: Regions, pattern: int) -> None:
-    """Guest writes through the device: they land in whatever the active layer is."""
-    guest_writes(vm, DEVICE, regions, pattern, device=True)
-
 
 def snapshot(qio: Case, vm: VM, method: str, base: str, overlay: str) -> None:
     """An external snapshot of ``base`` into a new ``overlay`` node, by either command."""
@@ -99,12 +93,12 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
     vm = base_vm(qio)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="bitmap0", persistent=persistent)
-    writes(vm, BEFORE_SNAPSHOT, 0x11)
+    guest_writes(vm, BEFORE_SNAPSHOT, 0x11)
     qio.check_live(vm, "base")
 
     qio.log.heading(f"external snapshot with {method}; guest writes land in the overlay")
     snapshot(qio, vm, method, "base", "top")
-    writes(vm, IN_OVERLAY, 0x22)
+    guest_writes(vm, IN_OVERLAY, 0x22)
     qio.show_bitmaps(vm, "top")
     qio.check_live(vm, "base")
 
@@ -119,7 +113,7 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
     qio.log.heading("active commit of top into base, guest writes while it runs")
     vm.qmp_log("block-commit", job_id="commit0", device="top", base_node="base")
     assert vm.run_job("commit0", complete=True,
-                      on_ready=lambda: writes(vm, DURING_COMMIT, 0x33)) is None
+                      on_ready=lambda: guest_writes(vm, DURING_COMMIT, 0x33)) is None
     qio.check_live(vm, "base")
 
     if "commit" in restart_at:
@@ -131,7 +125,7 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
         qio.check_live(vm, "base")
 
     qio.log.heading("guest writes into the base after the commit")
-    writes(vm, AFTER_COMMIT, 0x44)
+    guest_writes(vm, AFTER_COMMIT, 0x44)
     qio.show_bitmaps(vm, "base")
     qio.check_live(vm, "base")
     vm.shutdown()
@@ -156,16 +150,16 @@ def test_intermediate_commit(qio: Case) -> None:
     vm = base_vm(qio)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="b-base", persistent=True)
-    writes(vm, BEFORE_SNAPSHOT, 0x11)
+    guest_writes(vm, BEFORE_SNAPSHOT, 0x11)
 
     qio.log.heading("snapshot to mid, a persistent bitmap on mid, writes into mid")
     snapshot(qio, vm, "blockdev-snapshot-sync", "base", "mid")
     vm.qmp_log("block-dirty-bitmap-add", node="mid", name="b-mid", persistent=True)
-    writes(vm, IN_OVERLAY, 0x22)
+    guest_writes(vm, IN_OVERLAY, 0x22)
 
     qio.log.heading("snapshot to top, writes into top")
     snapshot(qio, vm, "blockdev-snapshot-sync", "mid", "top")
-    writes(vm, DURING_COMMIT, 0x33)
+    guest_writes(vm, DURING_COMMIT, 0x33)
     qio.check_live(vm, "base")
     qio.check_live(vm, "mid")
 
@@ -176,7 +170,7 @@ def test_intermediate_commit(qio: Case) -> None:
     qio.check_live(vm, "base")
 
     qio.log.heading("more writes into top; then restart on base <- top")
-    writes(vm, AFTER_COMMIT, 0x44)
+    guest_writes(vm, AFTER_COMMIT, 0x44)
     vm.shutdown()
     qio.check_disk("base.qcow2")
     qio.check_disk("mid.qcow2")

@@ -34,9 +34,8 @@ from typing import Any
 
 import pytest
 
-from harness.actions import Regions, action, add_target, backup_job, del_target
+from harness.actions import Regions, action, add_target, backup_job, del_target, guest_writes
 from harness.actions import bitmap_add as add_bitmap_action
-from harness.actions import writes as guest_writes
 from harness.backup import (
     Chain,
     NbdExport,
@@ -95,10 +94,6 @@ def start(qio: Case) -> VM:
     vm.launch()
     return vm
 
-
-def writes(vm: VM, regions: Regions, pattern: int) -> None:
-    """Guest writes through the device (onto whatever filter the view put above it)."""
-    guest_writes(vm, DEVICE, regions, pattern, device=True)
 
 
 def bitmap_add(name: str, **more: Any) -> dict[str, Any]:
@@ -185,7 +180,7 @@ class Fleecing:
 def guest_writes_during(qio: Case, vm: VM, export: NbdExport, ref: Reference,
                         regions: Regions, pattern: int) -> None:
     """The guest writes while the view is exported; the source changes, the view not."""
-    writes(vm, regions, pattern)
+    guest_writes(vm, regions, pattern)
     vm.qemu_io(DEVICE, "flush", device=True)
     res = qio.img.run("compare", "-U", "src.qcow2", ref.image, check=False)
     assert res.status == 1, (f"the writes during the export left the source equal to "
@@ -218,7 +213,7 @@ def pull_incremental(qio: Case, vm: VM, export: NbdExport, bitmap: str, image: s
 def test_pull_backups(qio: Case, method: str) -> None:
     vm = start(qio)
     qio.log.heading("guest writes")
-    writes(vm, W0, 0x11)
+    guest_writes(vm, W0, 0x11)
 
     qio.log.heading(f"backup 0 (full) over NBD; checkpoint c0 starts at its point ({method})")
     ref0 = reference(qio, vm, NODE, "src.qcow2", 0)
@@ -234,7 +229,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
     qio.check_live(vm, NODE, where="after backup 0")
 
     qio.log.heading("guest writes, tracked by c0")
-    writes(vm, W1, 0x22)
+    guest_writes(vm, W1, 0x22)
 
     qio.log.heading("backup 1 since c0: disable c0 and add c1 at the fleecing point; a "
                     "push-mode backup from c0 in the same transaction")
@@ -262,7 +257,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
     qio.check_live(vm, NODE, where="after backup 1")
 
     qio.log.heading("guest writes, tracked by c1")
-    writes(vm, W2, 0x44)
+    guest_writes(vm, W2, 0x44)
 
     qio.log.heading("backup 2, a differential since c0: c0 and c1 merged into a disabled "
                     "bitmap at the fleecing point")

@@ -32,16 +32,15 @@ from __future__ import annotations
 import pytest
 
 from harness.actions import (
-    Regions,
     action,
     add_target,
     backup_job,
     bitmap_add,
     del_target,
     full_backup,
+    guest_writes,
     incremental_backup,
 )
-from harness.actions import writes as guest_writes
 from harness.backup import Chain, reference, verify_restore
 from harness.bitmaps import live_bitmap
 from harness.block import blockdev, qcow2_node
@@ -72,10 +71,6 @@ def base_vm(qio: Case) -> VM:
                         "-device", "virtio-blk-pci,drive=base,id=disk0"])
 
 
-def writes(vm: VM, regions: Regions, pattern: int) -> None:
-    """Guest writes through the device: they land in whatever the active layer is."""
-    guest_writes(vm, DEVICE, regions, pattern, device=True)
-
 
 def full(qio: Case, vm: VM, n: int, node: str, image: str) -> Chain:
     """A new persistent ``b0`` and a full backup in one transaction; restored at once."""
@@ -101,16 +96,16 @@ def test_backup_chain(qio: Case, ending: str) -> None:
     vm.launch()
 
     qio.log.heading("backup 0: full, with the persistent bitmap base/b0 in its transaction")
-    writes(vm, W0, 0x11)
+    guest_writes(vm, W0, 0x11)
     chain = full(qio, vm, 0, "base", "full.qcow2")
 
     qio.log.heading("backup 1 before the snapshot: incremental from base/b0")
-    writes(vm, W1, 0x22)
+    guest_writes(vm, W1, 0x22)
     chain = incremental(qio, vm, 1, "base", chain)
 
     qio.log.heading("writes into base, then the snapshot base <- top with top/b0 in its "
                     "transaction")
-    writes(vm, W2, 0x33)
+    guest_writes(vm, W2, 0x33)
     qio.img.create("top.qcow2", SIZE, backing="base.qcow2")
     vm.qmp_log("blockdev-add", qcow2_node(qio.path("top.qcow2"), "top",
                                                                backing=None))
@@ -118,7 +113,7 @@ def test_backup_chain(qio: Case, ending: str) -> None:
         bitmap_add("top", "b0", GRAN, persistent=True),
         action("blockdev-snapshot", node="base", overlay="top"),
     ])
-    writes(vm, W3, 0x44)
+    guest_writes(vm, W3, 0x44)
     qio.show_bitmaps(vm, "base")
     qio.show_bitmaps(vm, "top")
     qio.oracle.check_exact(vm, "base", ["b0"], "before backup 2")
@@ -146,16 +141,16 @@ def test_backup_chain(qio: Case, ending: str) -> None:
     qio.oracle.check_exact(vm, "base", ["b0"], "after backup 2, base/b0 kept")
 
     qio.log.heading("writes into top; active commit of top into base, writes while it runs")
-    writes(vm, W4, 0x55)
+    guest_writes(vm, W4, 0x55)
     vm.qmp_log("block-commit", job_id="commit0", device="top", base_node="base")
     assert vm.run_job("commit0", complete=True,
-                      on_ready=lambda: writes(vm, DURING_COMMIT, 0x66)) is None
+                      on_ready=lambda: guest_writes(vm, DURING_COMMIT, 0x66)) is None
     vm.qmp_log("blockdev-del", node_name="top")
     qio.show_bitmaps(vm, "base")
 
     qio.log.heading("backup 3 after the commit: incremental from base/b0")
     chain = incremental(qio, vm, 3, "base", chain)
-    writes(vm, W5, 0x77)
+    guest_writes(vm, W5, 0x77)
     vm.qemu_io(DEVICE, "flush", device=True, log=True)
 
     if ending == "clean-restart":
@@ -168,7 +163,7 @@ def test_backup_chain(qio: Case, ending: str) -> None:
         qio.check_live(vm, "base", where="after the restart")
 
         qio.log.heading("backup 4 after the restart: incremental from base/b0")
-        writes(vm, W6, 0x88)
+        guest_writes(vm, W6, 0x88)
         incremental(qio, vm, 4, "base", chain)
     else:
         qio.log.heading("SIGKILL: b0 was in use")
@@ -193,7 +188,7 @@ def test_backup_chain(qio: Case, ending: str) -> None:
         chain = full(qio, vm, 4, "base", "full4.qcow2")
 
         qio.log.heading("backup 5: incremental from the new b0 onto the new full backup")
-        writes(vm, W6, 0x88)
+        guest_writes(vm, W6, 0x88)
         incremental(qio, vm, 5, "base", chain)
     vm.shutdown()
     qio.check_disk("base.qcow2")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.actions import Regions, writes
+from harness.actions import writes
 from harness.block import blockdev, qcow2_node
 from harness.session import Case
 from harness.vm import VM
@@ -29,9 +29,6 @@ def vm_for(qio: Case, name: str = "vm0") -> VM:
     return qio.vm(name, args=blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
                   machine_type="none")
 
-
-def write_all(vm: VM, node: str, regions: Regions) -> None:
-    writes(vm, node, regions)
 
 
 def stored_bitmap(qio: Case) -> None:
@@ -81,7 +78,7 @@ def test_kill_after_add(qio: Case) -> None:
     vm = vm_for(qio)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
-    write_all(vm, NODE, WRITES)
+    writes(vm, NODE, WRITES)
     crash(qio, vm)
     assert qio.show_image_bitmaps("disk.qcow2") == []
     vm.launch()
@@ -94,7 +91,7 @@ def test_kill_after_writes_and_recover(qio: Case) -> None:
     qio.log.heading("QEMU loads b0 read-write, writes, and is killed")
     vm = vm_for(qio)
     vm.launch()
-    write_all(vm, NODE, WRITES)
+    writes(vm, NODE, WRITES)
     qio.check_live(vm, NODE)
     crash(qio, vm)
     inspect_offline(qio)
@@ -106,7 +103,7 @@ def test_kill_after_writes_and_recover(qio: Case) -> None:
     qio.log.heading("recovery: remove it and start a new bitmap")
     vm.qmp_log("block-dirty-bitmap-remove", node=NODE, name="b0")
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
-    write_all(vm, NODE, MORE)
+    writes(vm, NODE, MORE)
     vm.shutdown()
     (b,) = qio.show_image_bitmaps("disk.qcow2")
     assert not b.in_use
@@ -119,7 +116,7 @@ def test_kill_then_offline_repair(qio: Case) -> None:
     stored_bitmap(qio)
     vm = vm_for(qio)
     vm.launch()
-    write_all(vm, NODE, WRITES)
+    writes(vm, NODE, WRITES)
     crash(qio, vm)
     status, _ = qio.img.check("disk.qcow2", "-r", "all")
     qio.log.log(f"qemu-img check -r all: exit {status}")
@@ -143,7 +140,7 @@ def test_kill_during_commit(qio: Case) -> None:
                        *blockdev(qcow2_node(qio.path("top.qcow2"), "top", backing="base"))]
     vm = qio.vm("vm0", args=args, machine_type="none")
     vm.launch()
-    write_all(vm, "top", ((0, 0x800000),))
+    writes(vm, "top", ((0, 0x800000),))
     vm.qemu_io("top", "flush")  # the data must survive the kill; the bitmap cannot
 
     qio.log.heading("slow commit of top into base, killed while it runs")
@@ -176,11 +173,11 @@ def test_kill_around_reopen(qio: Case, moment: str) -> None:
     stored_bitmap(qio)
     vm = vm_for(qio)
     vm.launch()
-    write_all(vm, NODE, WRITES)
+    writes(vm, NODE, WRITES)
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=True))
     if moment == "after-read-write-reopen":
         vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE))
-        write_all(vm, NODE, MORE)
+        writes(vm, NODE, MORE)
     crash(qio, vm)
     (b,) = qio.show_image_bitmaps("disk.qcow2")
     assert b.in_use == (moment == "after-read-write-reopen")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.actions import Regions, writes
+from harness.actions import writes
 from harness.block import blockdev, qcow2_node
 from harness.errors import MachineError
 from harness.session import Case
@@ -40,9 +40,6 @@ def reopen(qio: Case, vm: VM, read_only: bool) -> None:
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=read_only))
 
 
-def write_all(vm: VM, regions: Regions) -> None:
-    writes(vm, NODE, regions)
-
 
 def in_use_flags(qio: Case) -> dict[str, bool]:
     return {b.name: b.in_use for b in qio.show_image_bitmaps("disk.qcow2", force_share=True)}
@@ -59,7 +56,7 @@ def test_reopen_cycles(qio: Case, bitmaps: str) -> None:
     for name, gran, enabled in specs:
         vm.qmp_log("block-dirty-bitmap-add", node=NODE, name=name, granularity=gran,
                    persistent=True, disabled=not enabled)
-    write_all(vm, CYCLE_WRITES[0])
+    writes(vm, NODE, CYCLE_WRITES[0])
     qio.check_live(vm, NODE)
     assert in_use_flags(qio) == {}, "bitmaps added at run time are stored only at close"
 
@@ -83,7 +80,7 @@ def test_reopen_cycles(qio: Case, bitmaps: str) -> None:
         qio.log.heading(f"cycle {cycle}: reopen read-write; the bitmaps track writes")
         reopen(qio, vm, read_only=False)
         assert in_use_flags(qio) == {n: True for n, _, _ in specs}
-        write_all(vm, CYCLE_WRITES[cycle])
+        writes(vm, NODE, CYCLE_WRITES[cycle])
         qio.show_bitmaps(vm, NODE)
         qio.check_live(vm, NODE, where=f"read-write {cycle}")
 
@@ -105,7 +102,7 @@ def test_bitmap_state_changes_while_read_only(qio: Case) -> None:
     qio.img.run("bitmap", "--add", "--disable", "disk.qcow2", "off", log=True)
     vm = vm_for(qio)
     vm.launch()
-    write_all(vm, CYCLE_WRITES[0])
+    writes(vm, NODE, CYCLE_WRITES[0])
 
     qio.log.heading("read-only: disable 'on', enable 'off', add a new persistent bitmap")
     reopen(qio, vm, read_only=True)
@@ -116,7 +113,7 @@ def test_bitmap_state_changes_while_read_only(qio: Case) -> None:
 
     qio.log.heading("read-write: writes go to 'off' and 'late' only")
     reopen(qio, vm, read_only=False)
-    write_all(vm, CYCLE_WRITES[1])
+    writes(vm, NODE, CYCLE_WRITES[1])
     qio.show_bitmaps(vm, NODE)
     qio.check_live(vm, NODE)
     vm.shutdown()

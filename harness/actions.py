@@ -35,6 +35,16 @@ def writes(vm: VM, target: str, regions: Regions, pattern: int | None = 0x5A,
         vm.qemu_io(target, f"{what} {off:#x} {length:#x}", log=True, device=device)
 
 
+#: the qemu-io path of the virtio-blk device the cases attach as ``-device ...,id=disk0``
+GUEST_DEVICE = "disk0/virtio-backend"
+
+
+def guest_writes(vm: VM, regions: Regions, pattern: int, device: str = GUEST_DEVICE) -> None:
+    """Writes through the guest's device: they land in whatever its active layer is
+    (the base, an overlay after a snapshot, a backup's filter above it)."""
+    writes(vm, device, regions, pattern, device=True)
+
+
 def action(kind: str, **data: Any) -> dict[str, Any]:
     """One ``transaction`` action; ``data`` keywords are QMP names with ``_`` for ``-``."""
     return {"type": kind, "data": {k.replace("_", "-"): v for k, v in data.items()}}
