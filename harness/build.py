@@ -422,9 +422,15 @@ def ccache_compilers(cache: Path) -> tuple[Path, Path] | None:
 
 
 def configure_flags(src: SourceTree, python: Path | None,
-                    ccache: tuple[Path, Path] | None) -> list[str]:
-    """The configure command line for `src` (pure but for the paths it is given)."""
+                    ccache: tuple[Path, Path] | None, gcov: bool = False) -> list[str]:
+    """The configure command line for `src` (pure but for the paths it is given).
+
+    `gcov` adds ``--enable-gcov`` (meson's ``b_coverage``): the programs then write
+    ``.gcda`` counters into the build dir when they exit, for ``make coverage``.
+    """
     flags = list(BASE_FLAGS)
+    if gcov:
+        flags.append("--enable-gcov")
     if not src.has_blobs:
         # a repack: meson would check at configure time that the blobs it installs exist
         flags.append("--disable-install-blobs")
@@ -458,8 +464,13 @@ def _run_logged(argv: Sequence[str], cwd: Path, log: Path, progress: Progress | 
 
 
 def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
-               progress: Progress | None = None, install_deps: bool = True) -> BuildResult:
-    """Configure (when needed) and build the harness's programs from `src_path` in `build`."""
+               progress: Progress | None = None, install_deps: bool = True,
+               gcov: bool = False) -> BuildResult:
+    """Configure (when needed) and build the harness's programs from `src_path` in `build`.
+
+    `gcov`: an instrumented build (``--enable-gcov``); its flags are in the stamp, so a
+    dir built without it is wiped and configured afresh, never mixed.
+    """
     src = SourceTree.inspect(src_path)
     build = build.resolve()
     if build == src.path or src.path in build.parents:
@@ -476,7 +487,7 @@ def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
         notes.append(f"meson {src.meson.installed} from PyPI (the tree wants >= "
                      f"{src.meson.accepted}): {python}")
     ccache = ccache_compilers(cache_dir())
-    flags = configure_flags(src, python, ccache)
+    flags = configure_flags(src, python, ccache, gcov)
     wanted = stamp_text(src.path, src.tree_id(), src.version, flags)
 
     decision = reuse_decision(build, wanted)

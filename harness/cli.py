@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not check for (or apt-get install) the build dependencies")
     b.add_argument("--verbose", "-v", action="store_true",
                    help="show every configure and ninja line, not only progress")
+    b.add_argument("--gcov", action="store_true",
+                   help="instrument for coverage (--enable-gcov): .gcda files in the build dir")
     m = sub.add_parser("qemu-matrix", help="fetch, build and test Debian's QEMU sources",
                        usage="qiotests qemu-matrix [options] [-- PYTEST_ARGS]")
     m.add_argument("--dir", type=Path, metavar="DIR",
@@ -89,7 +92,81 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--jobs", type=int, default=2, metavar="N", help="pytest -n (default 2)")
     m.add_argument("--fetch-only", action="store_true",
                    help="only fetch (or reuse) the sources into DIR/src")
+    c = sub.add_parser("coverage", help="line and branch coverage of QEMU's bitmap code",
+                       usage="qiotests coverage [options] [-- PYTEST_ARGS]")
+    c.add_argument("--dir", type=Path, metavar="DIR",
+                   help="build and reports (default: $QEMU_COVERAGE_DIR, else ../qemu-coverage)")
+    c.add_argument("--matrix-dir", type=Path, metavar="DIR",
+                   help="where the 7.2 source is fetched (default: $QEMU_MATRIX_DIR, else "
+                   "../qemu-matrix)")
+    c.add_argument("--suite", action="append", choices=("qiotests", "upstream"), default=[],
+                   help="only this suite (repeatable; default both)")
+    c.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="pytest -n and check -j (default 2)")
     return p
+
+
+def coverage(args: argparse.Namespace, pytest_args: list[str]) -> int:
+    from harness import coverage as qcov
+
+    def say(line: str) -> None:
+        print(f"coverage: {line}", flush=True)
+
+    root = (args.dir or Path(os.environ.get("QEMU_COVERAGE_DIR") or Path.cwd().parent
+                             / "qemu-coverage")).resolve()
+    mroot = (args.matrix_dir or Path(os.environ.get("QEMU_MATRIX_DIR") or Path.cwd().parent
+                                     / "qemu-matrix")).resolve()
+    for d in (root, mroot):
+        if Path.cwd().resolve() in (d, *d.parents):
+            print(f"coverage: {d} must be outside the repo", file=sys.stderr)
+            return 2
+    suites = args.suite or ["qiotests", "upstream"]
+    try:
+        layout = qmatrix.Layout(mroot)
+        (row,) = qmatrix.select(qmatrix.rows(), [qcov.LABEL])
+        (mroot / "logs").mkdir(parents=True, exist_ok=True)
+        how = qmatrix.fetch(row, layout, mroot / "logs" / "fetch.log")
+        src = layout.src(row.label)
+        say(f"source {how}: {src}")
+        build = root / "build"
+        say(f"building with --enable-gcov in {build} (a first build takes 20-30 min)")
+        result = qbuild.build_qemu(src, build, progress=_Progress(False), gcov=True)
+        say(f"built {result.version_line} ({result.decision.value})")
+        columns = []
+        for suite in suites:
+            out = root / suite
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            say(f"{suite}: {qcov.reset_counters(build)} counter files reset")
+            if suite == "qiotests":
+                qcov.run_ours(build, Path.cwd(), out, args.jobs, pytest_args)
+                outcome = qcov.pytest_outcome((out / "pytest.txt").read_text(errors="replace"))
+            else:
+                tests = qcov.upstream_bitmap_tests(src)
+                (out / "tests.txt").write_text("\n".join(tests) + "\n")
+                say(f"upstream: {len(tests)} bitmap iotests: {' '.join(tests)}")
+                qcov.run_upstream(src, build, out, tests, args.jobs)
+                outcome = qcov.iotests_outcome((out / "iotests.txt").read_text(errors="replace"))
+            say(f"{suite}: {outcome}")
+            files = qcov.run_gcovr(src, build, out)
+            (out / "uncovered.md").write_text(qcov.uncovered_text(files))
+            (out / "outcome.txt").write_text(outcome + "\n")
+            columns.append((suite, files))
+            say(f"{suite}: reports in {out} (lines.txt, branches.txt, html/index.html, "
+                "uncovered.md)")
+    except qbuild.BuildError as e:
+        print(f"coverage: {e}\n{e.first_error}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(str(e) if str(e).startswith("coverage:") else f"coverage: {e}", file=sys.stderr)
+        return 2
+    text = (f"# Coverage of QEMU {result.src.version}'s bitmap code\n\n"
+            + qcov.table(columns) + "\n" + qcov.KILL_NOTE + "\n")
+    (root / "coverage.md").write_text(text)
+    print()
+    print(text, end="")
+    print(f"\n(also in {root / 'coverage.md'})")
+    return 0
 
 
 def qemu_matrix(args: argparse.Namespace, pytest_args: list[str]) -> int:
@@ -149,7 +226,7 @@ def build_qemu(args: argparse.Namespace) -> int:
         print(f"{say} source {tree.path}: QEMU {tree.version}"
               + (f", git describe {tree.git_describe}" if tree.git_describe else ""), flush=True)
         result = qbuild.build_qemu(src, build, args.jobs, _Progress(args.verbose),
-                                    install_deps=args.install_deps)
+                                    install_deps=args.install_deps, gcov=args.gcov)
     except qbuild.BuildError as e:
         print(f"{say} {e}", file=sys.stderr)
         print(f"{say} first error:", file=sys.stderr)
@@ -254,7 +331,7 @@ def report(result: bisect_mod.Result, shown: int = 3, max_lines: int = 30) -> st
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
-    if argv and argv[0] in ("bisect", "qemu-matrix") and "--" in argv:
+    if argv and argv[0] in ("bisect", "qemu-matrix", "coverage") and "--" in argv:
         at = argv.index("--")
         argv, rest = argv[:at], argv[at + 1:]
     args = _parser().parse_args(argv)
@@ -267,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return build_qemu(args)
         if args.command == "qemu-matrix":
             return qemu_matrix(args, rest)
+        if args.command == "coverage":
+            return coverage(args, rest)
     except BrokenPipeError:  # `qiotests doctor | head`
         sys.stderr.close()
         return 0
