@@ -20,6 +20,7 @@ that is not ours.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -132,7 +133,6 @@ def coverage(args: argparse.Namespace, pytest_args: list[str]) -> int:
         say(f"building with --enable-gcov in {build} (a first build takes 20-30 min)")
         result = qbuild.build_qemu(src, build, progress=_Progress(False), gcov=True)
         say(f"built {result.version_line} ({result.decision.value})")
-        columns = []
         for suite in suites:
             out = root / suite
             shutil.rmtree(out, ignore_errors=True)
@@ -151,7 +151,6 @@ def coverage(args: argparse.Namespace, pytest_args: list[str]) -> int:
             files = qcov.run_gcovr(src, build, out)
             (out / "uncovered.md").write_text(qcov.uncovered_text(files))
             (out / "outcome.txt").write_text(outcome + "\n")
-            columns.append((suite, files))
             say(f"{suite}: reports in {out} (lines.txt, branches.txt, html/index.html, "
                 "uncovered.md)")
     except qbuild.BuildError as e:
@@ -160,8 +159,15 @@ def coverage(args: argparse.Namespace, pytest_args: list[str]) -> int:
     except ConfigError as e:
         print(str(e) if str(e).startswith("coverage:") else f"coverage: {e}", file=sys.stderr)
         return 2
+    # every suite measured so far (a run of one suite keeps the other's column)
+    columns = [(suite, qcov.parse_gcovr_json(json.loads((root / suite / "coverage.json")
+                                                        .read_text())))
+               for suite in ("qiotests", "upstream") if (root / suite / "coverage.json").is_file()]
+    outcomes = [f"- {suite}: " + (root / suite / "outcome.txt").read_text().strip()
+                for suite, _ in columns]
     text = (f"# Coverage of QEMU {result.src.version}'s bitmap code\n\n"
-            + qcov.table(columns) + "\n" + qcov.KILL_NOTE + "\n")
+            + qcov.table(columns) + "\n" + "\n".join(outcomes) + "\n\n" + qcov.KILL_NOTE
+            + "\n")
     (root / "coverage.md").write_text(text)
     print()
     print(text, end="")
