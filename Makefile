@@ -10,6 +10,8 @@ QEMU_VERSIONS_DIR ?= $(abspath ..)/qemu-versions
 PLANTED_DIR ?= $(abspath ..)/qemu-planted
 QEMU_MATRIX_DIR ?= $(abspath ..)/qemu-matrix
 QEMU_MATRIX_ONLY ?=
+QEMU_COVERAGE_DIR ?= $(abspath ..)/qemu-coverage
+COVERAGE_SUITES ?=
 BUILD ?=
 # builds share the machine: compile at low priority (NICE= to turn it off)
 NICE ?= nice -n 10
@@ -29,7 +31,7 @@ endif
 export QEMU_BUILD_DIR
 
 .PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor \
-	build-qemu qemu-matrix planted-bugs bisect clean
+	build-qemu qemu-matrix coverage planted-bugs bisect clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -81,6 +83,10 @@ build-qemu: setup  ## build QEMU's programs for the harness from SRC=TREE [BUILD
 qemu-matrix: setup  ## fetch Debian's QEMU 7.2/10.0/10.2 sources, build, run the suite on each
 	$(NICE) $(VENV)/bin/qiotests qemu-matrix --dir $(QEMU_MATRIX_DIR) --jobs $(JOBS) \
 		$(foreach v,$(QEMU_MATRIX_ONLY),--only $(v)) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
+
+coverage: setup  ## gcov build of QEMU 7.2; line/branch coverage of its bitmap code, ours vs upstream's iotests
+	$(NICE) $(VENV)/bin/qiotests coverage --dir $(QEMU_COVERAGE_DIR) --matrix-dir $(QEMU_MATRIX_DIR) \
+		--jobs $(JOBS) $(foreach s,$(COVERAGE_SUITES),--suite $(s)) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
 	scripts/planted-bugs.sh $(PLANTED_DIR)

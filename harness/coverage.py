@@ -111,7 +111,7 @@ def run_gcovr(src: Path, build: Path, out: Path) -> list[FileCoverage]:
     """Run gcovr (the one next to this Python, else on PATH) and parse what it wrote."""
     gcovr = shutil.which("gcovr", path=str(Path(sys.executable).parent)) or shutil.which("gcovr")
     if gcovr is None:
-        raise ConfigError("coverage: gcovr is not installed (pip install -e '.[coverage]')")
+        raise ConfigError("coverage: gcovr is not installed (`make setup` installs it into .venv)")
     (out / "html").mkdir(parents=True, exist_ok=True)
     with (out / "gcovr.log").open("w") as log:
         for argv in gcovr_argvs(gcovr, src, build, out):
@@ -259,5 +259,6 @@ def iotests_outcome(text: str) -> str:
 
 def pytest_outcome(text: str) -> str:
     """pytest's final ``=== N passed, ... in S s ===`` line."""
-    lines = [ln.strip("= ") for ln in text.splitlines() if re.match(r"=+ .*\d+ (passed|failed)", ln)]
+    lines = [ln.strip("= ") for ln in text.splitlines()
+             if re.match(r"=+ .*\d+ (passed|failed)", ln)]
     return lines[-1] if lines else "no summary line (see pytest.txt)"

@@ -149,6 +149,8 @@ def test_configure_flags_follow_what_the_tree_has(tmp_path: Path) -> None:
     (src.path / "pc-bios" / "bios-256k.bin").write_text("")
     with_blobs = qbuild.SourceTree.inspect(src.path)
     assert qbuild.configure_flags(with_blobs, None, None) == list(qbuild.BASE_FLAGS)
+    gcov = qbuild.configure_flags(with_blobs, None, None, gcov=True)
+    assert gcov == [*qbuild.BASE_FLAGS, "--enable-gcov"]   # in the stamp: never mixed
 
 
 def test_edk2_placeholders_only_when_meson_would_check_them(tmp_path: Path) -> None:
