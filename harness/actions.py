@@ -10,7 +10,9 @@ anything. Keyword names are QMP names with ``_`` for ``-`` throughout.
   incremental over the previous backup), added and removed over QMP;
 * :func:`backup`: ``blockdev-backup`` with ``auto-dismiss: false`` run to its end;
 * :func:`full_backup`, :func:`incremental_backup`: a backup that is restored and
-  compared with the source at its start at once.
+  compared with the source at its start at once;
+* :func:`migration_caps`, :func:`wait_migration`: live migration between two VMs of the
+  case (the oracle follows the bitmaps from the source's ``migrate`` to the destination).
 """
 
 from __future__ import annotations
@@ -118,3 +120,26 @@ def incremental_backup(qio: Case, vm: VM, node: str, source: str, size: int, n: 
     chain = chain.then(image)
     verify_restore(qio, chain, ref, f"backup-{n}")
     return chain
+
+
+def migration_caps(vm: VM, **caps: bool) -> None:
+    """``migrate-set-capabilities`` (``dirty_bitmaps=True, events=True``)."""
+    vm.qmp_log("migrate-set-capabilities", capabilities=[
+        {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()])
+
+
+#: where a migration stops moving: its end, or a pause that waits for the case
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
+
+
+def wait_migration(vm: VM, until: Sequence[str] = MIGRATION_ENDS,
+                   timeout: float = 60.0) -> str:
+    """Wait for a MIGRATION event (``events`` capability on) whose status is in ``until``
+    or an end; log that status (the ones on the way vary from run to run) and return it."""
+    wanted = (*until, *MIGRATION_ENDS)
+    ev = vm.event_wait("MIGRATION", timeout=timeout,
+                       match=lambda e: e.get("data", {}).get("status") in wanted)
+    status = str(ev["data"]["status"])
+    if vm.transcript is not None:
+        vm.transcript.log(f"{vm.log_prefix}migration: {status}")
+    return status

@@ -267,6 +267,12 @@ class Machine:
         if self.state != "running":
             return self.exit_status
         unexpected = self._proc is not None and exited(self._proc)
+        if not unexpected:
+            # the observer sees what QEMU said before it was asked to quit (a migration
+            # that completed while the case was busy with the other VM)
+            with contextlib.suppress(Exception):
+                self._drain_events()
+                self._notify()
         if not unexpected and check and self.observer is not None:
             self.observer.before_shutdown(self)
         deadline = time.monotonic() + timeout
@@ -304,6 +310,23 @@ class Machine:
         status = self._reap(kill=False, timeout=10.0)
         if status is None:
             status = self._reap(kill=True)
+        self._finish(status)
+        return status
+
+    def wait_exit(self, timeout: float = 10.0) -> int | None:
+        """Wait for QEMU to end by itself, as the case expects (the destination of a
+        migration that failed or was cancelled exits with status 1); killed if it does
+        not within ``timeout``, which raises MachineTimeout. Returns the status."""
+        self._require_running("wait_exit")
+        assert self._proc is not None
+        self._debug("waiting for it to exit by itself")
+        self._expect_exit = True
+        status = self._reap(kill=False, timeout=timeout)
+        if status is None:
+            status = self._reap(kill=True)
+            self._finish(status)
+            raise MachineTimeout(self.name, f"did not exit within {timeout:g} s and was "
+                                 "killed", self.argv, status, tail(self.log_path))
         self._finish(status)
         return status
 

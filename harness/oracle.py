@@ -52,6 +52,7 @@ from harness.bitmaps import (
 from harness.block import qemu_io_failures
 from harness.errors import OracleFailure, Qcow2FormatError, UnmodelledCommand
 from harness.machine import Machine
+from harness.migration import FAILED, SWITCHED, Migration, received, to_send, uri_of
 from harness.model import (
     Extents,
     Model,
@@ -74,8 +75,12 @@ READ_ONLY = frozenset({
     "job-finalize", "job-dismiss", "block-job-cancel", "block-job-complete",
     "block-job-pause", "block-job-resume", "block-job-finalize", "block-job-dismiss",
     "object-add", "object-del", "block-set-write-threshold", "chardev-add", "chardev-remove",
-    "human-monitor-command",
+    "human-monitor-command", "migrate-continue",
 })
+#: migration commands the oracle follows (harness/migration.py has the rules)
+MIGRATION_COMMANDS = frozenset({"migrate-set-capabilities", "migrate-set-parameters", "migrate",
+                                "migrate-incoming", "migrate_cancel", "migrate-cancel",
+                                "migrate-start-postcopy"})
 #: drivers that pass writes to one child: a write to them lands below
 FILTERS = {"copy-before-write": "file", "blkdebug": "image", "throttle": "file",
            "compress": "file", "preallocate": "file", "blklogwrites": "file",
@@ -116,6 +121,9 @@ class GraphNode:
     image: StoredImage | None = None
     implicit: bool = False  # created by QEMU (snapshot-sync): closed when dropped
     on_disk: set[str] = field(default_factory=set)  # its bitmaps stored in the image
+    #: opened for an incoming migration, or given away by an outgoing one: QEMU neither
+    #: reads nor writes the image (no bitmaps loaded, none stored) until activated
+    inactive: bool = False
 
 
 @dataclass
@@ -142,6 +150,9 @@ class View:
     rw_images: dict[Path, StoredImage] = field(default_factory=dict)
     nbd_socket: str | None = None
     pending_io: int = 0
+    caps: dict[str, bool] = field(default_factory=dict)  # migration capabilities
+    mapping: list[dict[str, Any]] | None = None  # the block-bitmap-mapping parameter
+    incoming: str | None = None  # waits for an incoming migration ("defer" or the URI)
 
 
 class Oracle:
@@ -159,6 +170,7 @@ class Oracle:
         #: automatic checks on; off once the test has failed (teardown reports nothing more)
         self.checking = True
         self._hmp_mark: dict[str, int] = {}
+        self.migrations: list[Migration] = []
 
     # -- what a case may ask --------------------------------------------------------------
 
@@ -188,6 +200,9 @@ class Oracle:
         view = self.views[vm.name] = View()
         args = vm.argv
         for i, a in enumerate(args[:-1]):
+            if a == "-incoming":
+                view.incoming = args[i + 1]
+        for i, a in enumerate(args[:-1]):
             if a == "-blockdev":
                 self._add_node(vm, view, _blockdev_json(args[i + 1]))
             elif a == "-device":
@@ -198,7 +213,8 @@ class Oracle:
         if cmd == "human-monitor-command":
             line = str(args.get("command-line", ""))
             if line.startswith("qemu-io "):
-                self._parse_hmp_io(view, line)  # raises if unmodelled
+                target, command = self._parse_hmp_io(view, line)  # raises if unmodelled
+                self._refuse_inactive(vm, view, target, command)
                 self._hmp_mark[vm.name] = (vm.log_path.stat().st_size
                                            if vm.log_path.exists() else 0)
             elif not line.startswith(("info ", "help")):
@@ -217,7 +233,9 @@ class Oracle:
         if "error" in reply:
             return  # refused: QEMU changed nothing, neither does the model
         view = self._view(vm)
-        if cmd == "human-monitor-command":
+        if cmd == "query-migrate":
+            self._migration_status(vm, str(reply["return"].get("status", "")))
+        elif cmd == "human-monitor-command":
             self._after_hmp(vm, view, str(args.get("command-line", "")), str(reply["return"]))
         elif cmd == "transaction":
             for action in args.get("actions", []):
@@ -227,6 +245,10 @@ class Oracle:
 
     def event(self, vm: Machine, event: dict[str, Any]) -> None:
         name = event.get("event")
+        if name == "MIGRATION":
+            self._migration_status(vm, str(event.get("data", {}).get("status")))
+        elif name == "RESUME":
+            self._migration_status(vm, "running")
         if name not in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
             return
         view = self.views.get(vm.name)
@@ -242,9 +264,21 @@ class Oracle:
             return
         view = self._view(vm)
         busy = {j.sync.bitmap for j in view.jobs.values() if j.sync is not None}
+        moving = any(m.in_flight and m.bitmaps for m in self.migrations
+                     if m.source == vm.name) or any(
+            m.arrived and "dest" not in m.done for m in self.migrations if m.dest == vm.name)
         for node in sorted(view.model.nodes):
             names = [n for n in sorted(view.model.nodes[node].bitmaps)
                      if SUCCESSOR not in n and n not in busy]
+            gnode = view.graph.get(node)
+            if names and gnode is not None and gnode.inactive:
+                self.log.log(f"oracle ({vm.name}): {node} is inactive (migrated away or "
+                             "never taken over): its bitmaps are not checked here")
+                continue
+            if names and moving:
+                self.log.log(f"oracle ({vm.name}): {node}: bitmaps busy in a migration "
+                             "that has not ended: not checked")
+                continue
             if names:
                 self.check_live(vm, node, names, where=f"before shutdown of {vm.name}")
 
@@ -252,9 +286,12 @@ class Oracle:
         view = self.views.pop(vm.name, None)
         if view is None:
             return
+        for m in self.migrations:
+            if m.source == vm.name and m.in_flight and not m.switched:
+                m.status = "failed"  # the source died before it switched over
         for gnode in view.graph.values():
-            if gnode.image is None:
-                continue
+            if gnode.image is None or gnode.inactive:
+                continue  # an inactive node's image is not QEMU's to write
             if clean:
                 if not gnode.read_only:
                     self._store(view, gnode)
@@ -415,6 +452,9 @@ class Oracle:
             return
         if cmd == "qom-set":
             return
+        if cmd in MIGRATION_COMMANDS:
+            self._check_migration(vm, cmd, args)
+            return
         raise UnmodelledCommand(f"{cmd} (vm {vm.name!r}) may move data or change bitmaps and "
                                 "the oracle does not model it; model it in harness/oracle.py "
                                 "or tell the oracle with edited_by_hand()")
@@ -482,6 +522,175 @@ class Oracle:
                 view.nbd_socket = str(addr.get("data", addr).get("path"))
         elif cmd == "nbd-server-stop":
             view.nbd_socket = None
+        elif cmd in MIGRATION_COMMANDS or cmd == "cont":
+            self._apply_migration(vm, view, cmd, a)
+
+    # -- migration (the rules are harness/migration.py's) --------------------------------
+
+    def _check_migration(self, vm: Machine, cmd: str, args: dict[str, Any]) -> None:
+        """Refuse what would move data where the oracle cannot follow it."""
+        if cmd == "migrate-set-capabilities":
+            for c in args.get("capabilities", []):
+                if c.get("capability") == "block" and c.get("state"):
+                    raise UnmodelledCommand("the migration capability 'block' copies disks "
+                                            "in the migration stream, which the oracle does "
+                                            "not follow; migrate storage with blockdev-mirror")
+        elif cmd == "migrate":
+            if args.get("blk") or args.get("inc"):
+                raise UnmodelledCommand("migrate with blk/inc copies disks in the migration "
+                                        "stream, which the oracle does not follow; migrate "
+                                        "storage with blockdev-mirror")
+            uri = uri_of(args)
+            waiting = sorted(n for n, v in self.views.items() if v.incoming is not None)
+            if self._incoming_vm(uri) is None and waiting:
+                raise UnmodelledCommand(f"migrate to {uri or args}: no VM of this case waits "
+                                        f"for it ({', '.join(waiting)} wait(s) elsewhere); "
+                                        "the oracle must know where the bitmaps go")
+
+    def _incoming_vm(self, uri: str | None) -> str | None:
+        for name, v in self.views.items():
+            if uri is not None and v.incoming == uri:
+                return name
+        return None
+
+    def _apply_migration(self, vm: Machine, view: View, cmd: str, a: dict[str, Any]) -> None:
+        if cmd == "migrate-set-capabilities":
+            for c in a.get("capabilities", []):
+                view.caps[str(c["capability"])] = bool(c["state"])
+        elif cmd == "migrate-set-parameters" and "block-bitmap-mapping" in a:
+            view.mapping = list(a["block-bitmap-mapping"])
+        elif cmd == "migrate-incoming":
+            view.incoming = uri_of(a) or str(a)
+        elif cmd == "migrate":
+            uri = uri_of(a) or str(a)
+            m = Migration(vm.name, self._incoming_vm(uri), uri,
+                          bool(view.caps.get("dirty-bitmaps")),
+                          None if view.mapping is None else list(view.mapping))
+            self.migrations.append(m)
+        elif cmd == "cont" and any(m.source == vm.name and m.switched
+                                   for m in self.migrations):
+            self._activate(view)  # "continuing after completed migration": images back
+
+    def _migration_status(self, vm: Machine, status: str) -> None:
+        """A MIGRATION status (event or query-migrate reply; ``running``: a RESUME) seen
+        on ``vm``, as the source or the destination of a migration the oracle follows."""
+        for m in self.migrations:
+            if m.source == vm.name and m.in_flight and status != "running":
+                m.status = status
+                if status in SWITCHED:
+                    self._switchover(m)
+                if status == "completed" or status in FAILED:
+                    m.done.add("source")
+                if status in FAILED and m.switched and vm.name in self.views:
+                    self._activate(self.views[vm.name])  # QEMU takes its images back
+            elif m.dest == vm.name and m.status not in FAILED and "dest" not in m.done:
+                if status in ("running", "completed") and not m.arrived:
+                    self._arrive(m)
+                if status == "completed" or status in FAILED:
+                    m.done.add("dest")
+
+    def _switchover(self, m: Migration) -> None:
+        """The source stops and gives its images away: what travels is fixed now."""
+        if m.switched:
+            return
+        m.switched = True
+        view = self.views.get(m.source)
+        if view is None:
+            m.sent = []
+            return
+        nodes = {n: {b: bm for b, bm in mn.bitmaps.items() if SUCCESSOR not in b}
+                 for n, mn in view.model.nodes.items()}
+        m.sent = to_send(nodes, m.mapping) if m.bitmaps else []
+        travelling: dict[str, set[str]] = {}
+        aliases = {(s.node, s.name) for s in m.sent}
+        for n, bitmaps in nodes.items():
+            travelling[n] = {b for b in bitmaps if self._sent_from(m, n, b, aliases)}
+        self._inactivate(view, travelling)
+
+    def _sent_from(self, m: Migration, node: str, name: str,
+                   aliases: set[tuple[str, str]]) -> bool:
+        one = to_send({node: {name: ModelBitmap(name, 1)}}, m.mapping)
+        return bool(one) and (one[0].node, one[0].name) in aliases
+
+    def _inactivate(self, view: View, travelling: dict[str, set[str]]) -> None:
+        """``bdrv_inactivate_all`` on the source: each read-write qcow2 node stores its
+        persistent bitmaps and releases them, except those travelling with the migration
+        (QEMU skips storing them; the image keeps its old, in-use copy)."""
+        for gnode in view.graph.values():
+            if gnode.inactive:
+                continue
+            gnode.inactive = True
+            mnode = view.model.nodes.get(gnode.name)
+            if gnode.image is None or gnode.read_only or mnode is None:
+                continue
+            image = gnode.image
+            for name in sorted(mnode.bitmaps):
+                b = mnode.bitmaps[name]
+                if not b.persistent or name in travelling.get(gnode.name, set()):
+                    continue
+                image.bitmaps[name] = b.copy()
+                image.in_use.discard(name)
+                gnode.on_disk.add(name)
+                del mnode.bitmaps[name]
+            view.rw_images.pop(image.path, None)
+
+    def _activate(self, view: View) -> None:
+        """The images become QEMU's again (a destination taking over, a source after a
+        failed migration or ``cont``): each qcow2 node loads the bitmaps stored in its
+        image, except an in-use one whose name it already has (a migrated bitmap, or the
+        source's own that never left RAM), and flags them in use."""
+        view.incoming = None
+        for gnode in view.graph.values():
+            if not gnode.inactive:
+                continue
+            gnode.inactive = False
+            image = gnode.image
+            if image is None:
+                continue
+            mnode = view.model.node(gnode.name, image.size)
+            for bname, b in image.bitmaps.items():
+                if bname not in mnode.bitmaps:
+                    mnode.bitmaps[bname] = b.copy()
+                    self.had_bitmaps = True
+            gnode.on_disk = set(image.bitmaps)
+            if not gnode.read_only:
+                image.in_use |= gnode.on_disk
+                view.rw_images[image.path] = image
+
+    def _arrive(self, m: Migration) -> None:
+        """The destination takes over: the migrated bitmaps appear on its nodes (before
+        its images are activated, as in QEMU), then the images are activated."""
+        m.arrived = True
+        assert m.dest is not None
+        view = self.views[m.dest]
+        self._switchover(m)  # (if its event is still on the way) m.sent is what travelled
+        landed = received(m.sent or [], view.mapping)
+        unknown = [b.name for node, b in landed if node not in view.model.nodes]
+        if unknown:
+            # QEMU cancels the bitmap part of the incoming migration at the first unknown
+            # node or alias and drops every bitmap it received; the VM still migrates
+            self.log.log(f"oracle ({m.dest}): bitmaps for no node here ({', '.join(unknown)}):"
+                         " QEMU drops every migrated bitmap")
+            landed = []
+        for node, b in landed:
+            mnode = view.model.nodes[node]
+            if b.name in mnode.bitmaps:
+                raise OracleFailure(f"vm {m.dest!r} took over a migration although node "
+                                    f"{node!r} already had a bitmap {b.name!r}: QEMU refuses "
+                                    "that, the oracle does not know what happened")
+            mnode.bitmaps[b.name] = b
+            self.had_bitmaps = True
+        self._activate(view)
+
+    def _refuse_inactive(self, vm: Machine, view: View, target: str, command: str) -> None:
+        if not _parse_io(command):
+            return
+        node = self._landing(view, target)
+        gnode = view.graph.get(node)
+        if gnode is not None and gnode.inactive:
+            raise UnmodelledCommand(f"a qemu-io write to {node!r} of vm {vm.name!r}, which is "
+                                    "inactive (its migration switched over, or it waits for "
+                                    "one): QEMU must not write there")
 
     # -- graph -----------------------------------------------------------------------------
 
@@ -497,7 +706,7 @@ class Oracle:
                 children[role] = child
         name = str(opts.get("node-name", f"#inline-{len(view.graph)}"))
         read_only = bool(opts.get("read-only", False))
-        gnode = GraphNode(name, driver, children, read_only)
+        gnode = GraphNode(name, driver, children, read_only, inactive=view.incoming is not None)
         view.graph[name] = gnode
         if driver == "file":
             gnode.image = None
@@ -510,6 +719,8 @@ class Oracle:
             image.node = name
             mnode = view.model.node(name, image.size)
             mnode.data = image.data
+            if gnode.inactive:
+                return name  # opened for an incoming migration: loaded when activated
             for bname, b in image.bitmaps.items():
                 mnode.bitmaps[bname] = b.copy()
             gnode.on_disk = set(image.bitmaps)

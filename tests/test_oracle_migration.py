@@ -1,0 +1,145 @@
+"""Bitmap migration as the oracle models it: the pure rules, then the oracle on real QEMU.
+
+The rules (harness/migration.py) on their own: names and aliases, persistence and its
+transforms, nodes that cannot migrate. Then two QEMU processes: a write hidden from the
+oracle on the source (a disable sent on the raw channel) must be caught on the
+destination, and what the oracle cannot follow is refused before QEMU sees it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.actions import writes
+from harness.block import blockdev, qcow2_node
+from harness.errors import OracleFailure, UnmodelledCommand
+from harness.migration import Sent, received, to_send, uri_of
+from harness.model import Extents, ModelBitmap
+from harness.session import Case, Environment
+from harness.vm import VM
+
+MiB = 1 << 20
+
+
+def bitmap(name: str, persistent: bool = False, recording: bool = True) -> ModelBitmap:
+    return ModelBitmap(name, 65536, recording, persistent, Extents([(0, 0x1000)]))
+
+
+def test_every_named_bitmap_travels_under_its_own_names() -> None:
+    nodes = {"drive0": {"a": bitmap("a", True), "b": bitmap("b", recording=False)},
+             "#block123": {"c": bitmap("c")}, "empty": {}}
+    sent = to_send(nodes, None)
+    assert [(s.node, s.name, s.persistent) for s in sent] == [
+        ("drive0", "a", True), ("drive0", "b", False)]
+    landed = received(sent, None)
+    assert [(n, b.name, b.persistent, b.recording) for n, b in landed] == [
+        ("drive0", "a", True, True), ("drive0", "b", False, False)]
+    sent[0].bitmap.seen.add(0x100000, 1)
+    assert list(nodes["drive0"]["a"].seen) == [(0, 0x1000)], "to_send must copy"
+
+
+def test_a_mapping_renames_filters_and_transforms() -> None:
+    src_map = [{"node-name": "drive0", "alias": "disk",
+                "bitmaps": [{"name": "a", "alias": "A",
+                             "transform": {"persistent": False}}]}]
+    dst_map = [{"node-name": "target0", "alias": "disk",
+                "bitmaps": [{"name": "renamed", "alias": "A"}]}]
+    nodes = {"drive0": {"a": bitmap("a", True), "unlisted": bitmap("u", True)},
+             "other": {"o": bitmap("o")}}
+    sent = to_send(nodes, src_map)
+    assert [(s.node, s.name, s.persistent) for s in sent] == [("disk", "A", False)]
+    assert [(n, b.name, b.persistent) for n, b in received(sent, dst_map)] == [
+        ("target0", "renamed", False)]
+    back = [{"node-name": "target0", "alias": "disk",
+             "bitmaps": [{"name": "renamed", "alias": "A", "transform": {"persistent": True}}]}]
+    assert [b.persistent for _, b in received(sent, back)] == [True]
+
+
+def test_an_alias_the_destination_does_not_know_comes_back_unplaced() -> None:
+    sent = [Sent("disk", "A", bitmap("a"), False)]
+    dst_map = [{"node-name": "target0", "alias": "other", "bitmaps": []}]
+    assert [n for n, _ in received(sent, dst_map)] == [""]
+
+
+def test_uri_of_reads_both_spellings() -> None:
+    assert uri_of({"uri": "unix:/s"}) == "unix:/s"
+    assert uri_of({"channels": [{"channel-type": "main", "addr": {
+        "transport": "socket", "type": "unix", "path": "/s"}}]}) == "unix:/s"
+    assert uri_of({"channels": []}) is None
+
+
+# -- the oracle following two real QEMU processes ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env() -> Environment:
+    return Environment.discover({}, None, "tcg", os.environ)
+
+
+@pytest.fixture
+def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
+    c = Case(env, tmp_path)
+    yield c
+    assert c.close(failed=False) == []
+
+
+def pair(case: Case) -> tuple[VM, VM, str]:
+    """A source with bitmap b on drive0 and a destination on the same image."""
+    case.img.create("disk.qcow2", 8 * MiB)
+    uri = f"unix:{case.sockdir / 'mig.sock'}"
+    args = blockdev(qcow2_node(case.path("disk.qcow2"), "drive0"))
+    src = case.vm("src", args=args, machine_type="none")
+    dst = case.vm("dst", args=[*args, "-incoming", uri], machine_type="none")
+    src.launch()
+    dst.launch()
+    caps = [{"capability": "events", "state": True},
+            {"capability": "dirty-bitmaps", "state": True}]
+    for vm in (src, dst):
+        vm.qmp("migrate-set-capabilities", capabilities=caps)
+    src.qmp("block-dirty-bitmap-add", node="drive0", name="b", persistent=True)
+    return src, dst, uri
+
+
+def migrate(src: VM, dst: VM, uri: str) -> None:
+    src.qmp("migrate", uri=uri)
+    for vm in (src, dst):
+        vm.event_wait("MIGRATION", match=lambda e: e["data"]["status"] == "completed")
+
+
+def test_a_write_the_source_hid_is_caught_on_the_destination(case: Case) -> None:
+    src, dst, uri = pair(case)
+    writes(src, "drive0", [(0, 0x1000)])
+    src.execute("block-dirty-bitmap-disable", {"node": "drive0", "name": "b"})
+    writes(src, "drive0", [(0x200000, 0x1000)])
+    migrate(src, dst, uri)
+    assert "b" in case.oracle.model(src).nodes["drive0"].bitmaps, "the source keeps it"
+    with pytest.raises(OracleFailure, match=r"\(live\).*missing \[0x200000\+0x10000\]"):
+        case.check_live(dst, "drive0")
+    src.shutdown()
+    dst.kill()
+
+
+def test_a_write_to_the_inactive_source_is_refused(case: Case) -> None:
+    src, dst, uri = pair(case)
+    migrate(src, dst, uri)
+    with pytest.raises(UnmodelledCommand, match=r"^a qemu-io write to 'drive0' of vm 'src'"):
+        writes(src, "drive0", [(0, 0x1000)])
+    src.shutdown()
+    dst.shutdown()
+
+
+def test_what_the_oracle_cannot_follow_is_refused(case: Case) -> None:
+    src, dst, uri = pair(case)
+    with pytest.raises(UnmodelledCommand, match="no VM of this case waits for it"):
+        src.qmp("migrate", uri=f"{uri}.elsewhere")
+    if any(c["capability"] == "block" for c in src.qmp("query-migrate-capabilities")):
+        with pytest.raises(UnmodelledCommand, match="capability 'block'"):
+            src.qmp("migrate-set-capabilities",
+                    capabilities=[{"capability": "block", "state": True}])
+    assert src.qmp("query-migrate") == {}, "QEMU got the command anyway"
+    src.shutdown()
+    dst.kill()
