@@ -8,14 +8,31 @@ before it quits and in the image after, and again in a third VM opened on the im
 
 Writes while migrating: the source's bandwidth is throttled so the migration stays
 ``active`` while qemu-io writes land, then released; the bitmaps must hold those writes.
+
+A migration that fails (``migrate_cancel``, the destination SIGKILLed mid-way) must leave
+the source's bitmaps as they were, usable for the next incremental backup and for the
+next migration. QEMU bug found here: after such a failure the source no longer stores its
+persistent bitmaps when it quits (``test_failed_migration_then_quit``).
 """
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
-from harness.actions import migration_caps, wait_migration, writes
+from harness.actions import (
+    add_target,
+    backup,
+    bitmap_add,
+    full_backup,
+    incremental_backup,
+    migration_caps,
+    wait_migration,
+    writes,
+)
 from harness.block import blockdev, qcow2_node
+from harness.errors import CommandError, OracleFailure
 from harness.session import Case
 from harness.vm import VM
 
@@ -93,3 +110,100 @@ def test_shared_storage_precopy(qio: Case, capability: bool) -> None:
     after = vm_for(qio, "after", "disk.qcow2")
     after.launch()
     qio.show_bitmaps(after, NODE, hashes=False)
+
+
+#: how a migration fails mid-way, and what the destination does then
+FAILURES = ["cancel", "destination-killed"]
+
+
+def start_throttled(qio: Case, src: VM, dst: VM, sock: str) -> None:
+    """Capabilities on both sides, then a migration that stays active (throttled)."""
+    for vm in (src, dst):
+        migration_caps(vm, events=True, dirty_bitmaps=True)
+    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
+    src.qmp_log("migrate", uri=sock)
+    assert wait_migration(src, until=("active",)) == "active"
+
+
+def fail_migration(qio: Case, src: VM, dst: VM, how: str) -> None:
+    """End the active migration without a switchover; the source runs on."""
+    if how == "cancel":
+        src.qmp_log("migrate_cancel")
+        assert wait_migration(src) == "cancelled"
+        qio.log.log(f"dst: exited by itself with status {dst.wait_exit()}")
+    else:
+        dst.kill(signal.SIGKILL)
+        qio.log.log("dst: killed with SIGKILL")
+        assert wait_migration(src) == "failed"
+    src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
+    assert src.qmp("query-status")["status"] == "running"
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_failed_migration_keeps_source_bitmaps(qio: Case, how: str) -> None:
+    """A full backup starts b0; the migration fails while writes land; b0 then serves
+    the next incremental backup (restored and compared), and a second migration to a new
+    destination carries it with every write since."""
+    qio.img.create("disk.qcow2", SIZE)
+    src = vm_for(qio, "src", "disk.qcow2")
+    src.launch()
+    chain = full_backup(qio, src, NODE, "disk.qcow2", SIZE,
+                        bitmaps=[bitmap_add(NODE, "b0", 4096, persistent=True),
+                                 bitmap_add(NODE, "t0", 65536)])
+    writes(src, NODE, BEFORE, 0x11)
+
+    qio.log.heading(f"a migration that fails: {how}")
+    first = f"unix:{qio.sockdir / 'mig1.sock'}"
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming=first)
+    dst.launch()
+    start_throttled(qio, src, dst, first)
+    writes(src, NODE, DURING, 0x22)
+    fail_migration(qio, src, dst, how)
+    qio.check_live(src, NODE)
+
+    qio.log.heading("the source's b0 serves the next incremental backup")
+    writes(src, NODE, WHILE_ENABLED, 0x33)
+    chain = incremental_backup(qio, src, NODE, "disk.qcow2", SIZE, 1, chain)
+    writes(src, NODE, AFTER, 0x44)
+
+    qio.log.heading("a second migration, to a new destination, carries the bitmaps")
+    second = f"unix:{qio.sockdir / 'mig2.sock'}"
+    dst2 = vm_for(qio, "dst2", "disk.qcow2", incoming=second)
+    dst2.launch()
+    start_throttled(qio, src, dst2, second)
+    writes(src, NODE, ((0x500000, 0x10000),), 0x55)
+    src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
+    assert wait_migration(src) == "completed"
+    assert wait_migration(dst2) == "completed"
+    qio.show_bitmaps(dst2, NODE, hashes=False)
+    incremental_backup(qio, dst2, NODE, "disk.qcow2", SIZE, 2, chain)
+
+
+@pytest.mark.xfail(strict=False, raises=(OracleFailure, CommandError), reason=(
+    "QEMU bug seen in 7.2.22 and 10.0.2: a migration with dirty-bitmaps sets skip_store "
+    "on every bitmap it sends (init_dirty_bitmap_migration) and nothing clears it when the "
+    "migration fails or is cancelled before the source's images are inactivated, so the "
+    "source silently stops storing its persistent bitmaps: after its next clean quit the "
+    "image has none, or only the in-use copy stored before, which loads inconsistent: "
+    "either way no incremental backup can follow"))
+@pytest.mark.parametrize("stored", [False, True], ids=["new", "stored-before"])
+@pytest.mark.parametrize("how", FAILURES)
+def test_failed_migration_then_quit(qio: Case, how: str, stored: bool) -> None:
+    """The minimal case of the bug: a persistent bitmap (``stored-before``: in the image
+    already, from a restart), a write, a failed migration, a clean quit; the image must
+    hold the bitmap with the write, and after a restart it serves an incremental backup."""
+    qio.img.create("disk.qcow2", SIZE)
+    src = vm_for(qio, "src", "disk.qcow2")
+    src.launch()
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
+    if stored:
+        src.restart()
+    writes(src, NODE, BEFORE[:1], 0x11)
+    sock = f"unix:{qio.sockdir / 'mig.sock'}"
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming=sock)
+    dst.launch()
+    start_throttled(qio, src, dst, sock)
+    fail_migration(qio, src, dst, how)
+    src.restart()
+    target = add_target(qio, src, "inc.qcow2", SIZE)
+    assert backup(src, "backup1", NODE, target, sync="incremental", bitmap="b0") is None
