@@ -34,7 +34,10 @@ class LiveBitmap:
 
     def describe(self) -> str:
         flags = [f for f in ("persistent", "recording", "busy", "inconsistent") if getattr(self, f)]
-        return (f"{self.name}: count={self.count} granularity={self.granularity} "
+        # a bitmap without a name is QEMU's own: the successor of a busy bitmap (a backup
+        # job's, an incoming migration's) that records the writes made meanwhile
+        name = self.name or "(no name: a successor)"
+        return (f"{name}: count={self.count} granularity={self.granularity} "
                 f"[{' '.join(flags) or '-'}]")
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.bitmaps import (
+    LiveBitmap,
     live_bitmaps,
     live_ranges,
     ranges_count,
@@ -340,6 +341,7 @@ class Oracle:
             raise OracleFailure(f"vm {vm.name!r} has no node {node!r} in the oracle's model")
         live = {b.name: b for b in live_bitmaps(vm, node)}
         verdicts = []
+        states: list[str] = []
         for name in names if names is not None else sorted(
                 n for n in mnode.bitmaps if SUCCESSOR not in n):
             if name not in live:
@@ -350,8 +352,12 @@ class Oracle:
                                                            view.nbd_socket)
             if not b.inconsistent:
                 self._views_agree(vm, mnode, b.name, b.count, b.granularity, ranges, where)
+                states += self._state_problems(mnode.bitmaps[name], b, node, where)
             verdicts.append(view.model.verdict(node, name, ranges, b.inconsistent))
-        return self._judge(verdicts, where)
+        self._judge(verdicts, where)  # missing writes first: they are what a backup loses
+        if states:
+            raise OracleFailure("\n".join(states), verdicts)
+        return verdicts
 
     def _views_agree(self, vm: Machine, mnode: ModelNode, name: str, count: int,
                      granularity: int, ranges: list[tuple[int, int]], where: str) -> None:
@@ -366,6 +372,26 @@ class Oracle:
         if problems:
             raise OracleFailure(f"bitmap {name!r} on {mnode.name!r} ({where}): QEMU's views "
                                 f"disagree: {'; '.join(problems)}")
+
+    def _state_problems(self, model: ModelBitmap, live: LiveBitmap, node: str,
+                        where: str) -> list[str]:
+        """Granularity, enabled state and persistence as the model has them: a bitmap that
+        stopped recording loses the next writes, a transient one is lost at the next quit."""
+        problems = []
+        if live.granularity != model.granularity:
+            problems.append(f"granularity {live.granularity}, the model's is "
+                            f"{model.granularity}")
+        if live.recording != model.recording:
+            problems.append("it is " + ("recording" if live.recording else "not recording")
+                            + ", the model says " + ("enabled" if model.recording
+                                                     else "disabled"))
+        if live.persistent != model.persistent:
+            problems.append("it is " + ("persistent" if live.persistent else "transient")
+                            + ", the model says " + ("persistent" if model.persistent
+                                                     else "transient"))
+        if not problems:
+            return []
+        return [f"bitmap {model.name!r} on {node!r} ({where}): " + "; ".join(problems)]
 
     def check_disk(self, path: str | Path, names: Sequence[str] | None = None,
                    where: str = "on disk") -> list[Verdict]:

@@ -10,7 +10,7 @@ other ``harness`` modules; the hooks here only connect it to pytest's phases:
   rootdir) and ``qiotests_cases`` (directories holding cases; the QEMU under test is probed
   at start only when a run includes one of them, so ``pytest tests`` never starts QEMU);
 * discovery once, in the controller, handed to xdist workers as JSON;
-* ``@pytest.mark.requires(qmp=[...], drivers=[...], node_bitmaps=[...])``, checked
+* ``@pytest.mark.requires(qmp=[...], args=[...], drivers=[...], node_bitmaps=[...])``, checked
   before the test body: the one way a case skips, always with the probed reason;
 * after each passing body, the case context shuts down its VMs (the oracle checks them)
   and writes the oracle's verdict; then the golden comparison; ``--regen`` collected by
@@ -81,9 +81,10 @@ def _discover(config: pytest.Config) -> Environment:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "requires(qmp=[...], drivers=[...], node_bitmaps=[...]): skip the test, "
-        "saying why, unless the QEMU under test has these QMP commands, blockdev drivers "
-        "and 'command.argument' bitmap lists that take {node, name} references")
+        "markers", "requires(qmp=[...], args=[...], drivers=[...], node_bitmaps=[...]): skip "
+        "the test, saying why, unless the QEMU under test has these QMP commands, "
+        "'command.argument' arguments, blockdev drivers and 'command.argument' bitmap "
+        "lists that take {node, name} references")
     if config.option.help or config.option.version:
         return  # --help and --version must work without a QEMU
     workerinput = getattr(config, "workerinput", None)
@@ -271,12 +272,17 @@ def _environment(config: pytest.Config) -> Environment:
 
 def unmet_requirements(env: Environment, qmp: Sequence[str] = (),
                        drivers: Sequence[str] = (),
-                       node_bitmaps: Sequence[str] = ()) -> str | None:
+                       node_bitmaps: Sequence[str] = (),
+                       args: Sequence[str] = ()) -> str | None:
     """Why the QEMU under test cannot run a case (None if it can), from the probe."""
     version = env.probe.version
     missing = env.missing_commands(qmp)
     if missing:
         return f"QEMU {version} lacks QMP command(s) {', '.join(missing)}"
+    for ref in args:
+        command, _, member = ref.partition(".")
+        if member not in env.probe.command_args(command):
+            return f"QEMU {version}: {command} has no argument '{member}'"
     known = env.probe.blockdev_drivers()
     absent = [d for d in drivers if d not in known]
     if absent:
@@ -294,7 +300,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         if mark.args:
             raise pytest.UsageError(f"{item.nodeid}: requires() takes keywords only "
-                                    "(qmp=, drivers=, node_bitmaps=)")
+                                    "(qmp=, args=, drivers=, node_bitmaps=)")
         reason = unmet_requirements(_environment(item.config), **mark.kwargs)
         if reason is not None:
             pytest.skip(reason)

@@ -120,6 +120,15 @@ BUGS: tuple[Bug, ...] = (
         (Edit("block/dirty-bitmap.c", "bdrv_dirty_bitmap_merge_internal",
               "hbitmap_merge(*backup,", "replace", "hbitmap_merge(dest->bitmap,"),),
     ),
+    Bug(
+        "migration-enabled-lost",
+        "a bitmap migrated with the dirty-bitmaps capability arrives disabled: the "
+        "destination reads the enabled flag of the start chunk but never enables the "
+        "bitmap, so it silently stops recording writes after the switchover",
+        (Edit("migration/block-dirty-bitmap.c", "dirty_bitmap_load_start",
+              "b->enabled = flags & DIRTY_BITMAP_MIG_START_FLAG_ENABLED;", "replace",
+              "b->enabled = false;"),),
+    ),
 )
 BY_NAME = {b.name: b for b in BUGS}
 

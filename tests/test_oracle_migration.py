@@ -123,6 +123,20 @@ def test_a_write_the_source_hid_is_caught_on_the_destination(case: Case) -> None
     dst.kill()
 
 
+def test_a_bitmap_that_arrives_disabled_is_caught_before_any_write(case: Case) -> None:
+    """The enabled state is checked too, not only the contents: a bitmap that stopped
+    recording is wrong before the write it will miss."""
+    src, dst, uri = pair(case)
+    writes(src, "drive0", [(0, 0x1000)])
+    migrate(src, dst, uri)
+    dst.execute("block-dirty-bitmap-disable", {"node": "drive0", "name": "b"})
+    with pytest.raises(OracleFailure, match=r"^bitmap 'b' on 'drive0' \(live\): it is not "
+                       r"recording, the model says enabled$"):
+        case.check_live(dst, "drive0")
+    src.shutdown()
+    dst.kill()
+
+
 def test_a_write_to_the_inactive_source_is_refused(case: Case) -> None:
     src, dst, uri = pair(case)
     migrate(src, dst, uri)

@@ -11,9 +11,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from harness.binaries import KvmStatus, Probe
+from harness.plugin import unmet_requirements
 from tests.conftest import REPO, Project
 
 DEMO = '''
@@ -366,3 +370,16 @@ from harness.session import Case
 def test_other(qio: Case) -> None:
     qio.log.log("other")
 '''
+
+
+def test_requires_args_names_the_missing_argument() -> None:
+    """``requires(args=["command.argument"])`` reads the arguments from the QMP schema."""
+    schema: tuple[dict[str, Any], ...] = (
+        {"name": "migrate-set-parameters", "meta-type": "command", "arg-type": "1"},
+        {"name": "1", "meta-type": "object", "members": [{"name": "downtime-limit"}]})
+    probe = Probe("9.9.9", "", ("tcg",), KvmStatus(False, ""),
+                  frozenset({"migrate-set-parameters"}), schema)
+    env: Any = SimpleNamespace(probe=probe, missing_commands=lambda names: [])
+    assert unmet_requirements(env, args=["migrate-set-parameters.downtime-limit"]) is None
+    assert unmet_requirements(env, args=["migrate-set-parameters.block-bitmap-mapping"]) == (
+        "QEMU 9.9.9: migrate-set-parameters has no argument 'block-bitmap-mapping'")
