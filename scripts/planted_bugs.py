@@ -129,6 +129,14 @@ BUGS: tuple[Bug, ...] = (
               "b->enabled = flags & DIRTY_BITMAP_MIG_START_FLAG_ENABLED;", "replace",
               "b->enabled = false;"),),
     ),
+    Bug(
+        "shrink-keeps-bits",
+        "shrinking a disk does not clear the bitmap bits past its new end: the dirty "
+        "count keeps them (the views of the bitmap disagree) and growing the disk again "
+        "brings them back as dirty",
+        (Edit("util/hbitmap.c", "hbitmap_truncate",
+              "hbitmap_reset(hb, start, fix_count);", "delete-line"),),
+    ),
 )
 BY_NAME = {b.name: b for b in BUGS}
 
