@@ -22,6 +22,8 @@ SRC ?=
 GOOD ?=
 BAD ?=
 BISECT_ARGS ?=
+MINUTES ?= 5
+EXPLORE_ARGS ?=
 ifneq ($(QEMU_BUILD_DIR),)
 QEMU_OPTS := --qemu-build $(QEMU_BUILD_DIR)
 endif
@@ -31,7 +33,7 @@ endif
 export QEMU_BUILD_DIR
 
 .PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor \
-	build-qemu qemu-matrix coverage planted-bugs bisect clean
+	build-qemu qemu-matrix coverage planted-bugs bisect explore clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -90,6 +92,9 @@ coverage: setup  ## gcov build of QEMU 7.2; line/branch coverage of its bitmap c
 
 planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
 	scripts/planted-bugs.sh $(PLANTED_DIR)
+
+explore: setup  ## stateful exploration for MINUTES=N (Hypothesis, the oracle as invariant); prints a case on failure
+	$(VENV)/bin/qiotests explore --minutes $(MINUTES) $(QEMU_OPTS) $(EXPLORE_ARGS)
 
 bisect: setup  ## first bad QEMU commit: SRC=GIT_TREE GOOD=REV BAD=REV [BISECT_ARGS='--repeat 3']
 	@if [ -z "$(SRC)" ] || [ -z "$(GOOD)" ] || [ -z "$(BAD)" ]; then \

@@ -15,6 +15,11 @@ from a QEMU source tree (:mod:`harness.build`). Exit 0: built, and ``--qemu-buil
 works; 1: configure or the build failed, after printing the first compiler error as one
 block (``git bisect run`` callers map that to "skip"); 2: bad arguments or a build dir
 that is not ours.
+
+``qiotests explore [--minutes N]`` runs the stateful exploration (:mod:`harness.explore`)
+against the QEMU under test, with progress lines and a summary; a failure is printed as a
+case to paste into ``cases/``. Exit 0: no failure; 1: a failure (the case is printed);
+2: QEMU cannot be found or bad arguments.
 """
 
 from __future__ import annotations
@@ -104,7 +109,74 @@ def _parser() -> argparse.ArgumentParser:
                    help="only this suite (repeatable; default both)")
     c.add_argument("--jobs", type=int, default=2, metavar="N",
                    help="pytest -n and check -j (default 2)")
+    e = sub.add_parser("explore", help="stateful exploration of bitmaps with Hypothesis")
+    for role in ROLES:
+        e.add_argument(role.option, dest=role.key, metavar="PATH")
+    e.add_argument("--qemu-build", dest="build", metavar="DIR")
+    e.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg", "qtest"))
+    e.add_argument("--minutes", type=float, default=0.0, metavar="N",
+                   help="explore for N minutes in batches of --examples (default: one batch)")
+    e.add_argument("--examples", type=int, default=50, metavar="N",
+                   help="sequences per batch (default 50)")
+    e.add_argument("--steps", type=int, default=30, metavar="N",
+                   help="at most N steps per sequence (default 30)")
+    e.add_argument("--derandomize", action="store_true",
+                   help="the fixed sequences make check runs, not random ones")
+    e.add_argument("--database", type=Path, metavar="DIR",
+                   help="the example database (default: ~/.cache/qiotests/explore/VERSION)")
+    e.add_argument("--scratch", type=Path, metavar="DIR",
+                   help="where examples run (default: a new dir in /tmp, kept on failure)")
     return p
+
+
+def explore(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from harness import explore as qexplore
+
+    def say(line: str) -> None:
+        print(f"explore: {line}", flush=True)
+
+    if args.minutes < 0 or args.examples < 1 or args.steps < 1:
+        print("qiotests explore: --minutes must be >= 0, --examples and --steps >= 1",
+              file=sys.stderr)
+        return 2
+    explicit = {r.key: getattr(args, r.key) for r in ROLES}
+    try:
+        env = Environment.discover(explicit, args.build, args.accel, os.environ)
+    except ConfigError as e:
+        print(f"qiotests explore: {e}", file=sys.stderr)
+        return 2
+    db = args.database or qexplore.database_dir(env.probe.version)
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="qiotests-explore-"))
+    say(f"QEMU {env.probe.version} ({env.binaries.path('system')}), accel {env.accel}")
+    say(f"example database {db}; scratch {scratch}")
+    say(f"{'for ' + format(args.minutes, 'g') + ' min' if args.minutes else 'one batch'}: "
+        f"{args.examples} sequences per batch, at most {args.steps} steps each")
+    last = [0.0]
+
+    def progress(ctx: qexplore.Context) -> None:
+        now = time.monotonic()
+        if now - last[0] < 10 and ctx.examples > 1:
+            return
+        last[0] = now
+        took = now - ctx.started
+        left = f", {max(0.0, args.minutes * 60 - took) / 60:.1f} min left" \
+            if args.minutes else ""
+        say(f"{ctx.examples} examples, {ctx.steps} steps, "
+            f"{ctx.examples / took if took else 0:.2f} examples/s, "
+            f"longest sequence {ctx.longest} steps{left}")
+
+    budget = qexplore.Budget(examples=args.examples, steps=args.steps, minutes=args.minutes,
+                             seed=0 if args.derandomize else None, database=db)
+    out = qexplore.run(env, scratch, budget, progress)
+    print(out.summary(), flush=True)
+    if out.failure is not None:
+        say(f"the failing example's files are in {scratch}")
+        return 1
+    if args.scratch is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
 
 
 def coverage(args: argparse.Namespace, pytest_args: list[str]) -> int:
@@ -352,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return qemu_matrix(args, rest)
         if args.command == "coverage":
             return coverage(args, rest)
+        if args.command == "explore":
+            return explore(args)
     except BrokenPipeError:  # `qiotests doctor | head`
         sys.stderr.close()
         return 0

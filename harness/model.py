@@ -88,6 +88,10 @@ class Extents:
                 out.add(pos, e - pos)
         return out
 
+    def truncate(self, end: int) -> None:
+        """Drop everything at or past ``end``, in place (the object may be shared)."""
+        self._spans = [(s, min(e, end)) for s, e in self._spans if s < end]
+
     def total(self) -> int:
         return sum(e - s for s, e in self._spans)
 
@@ -270,6 +274,20 @@ class Model:
         dst = self.bitmap(node, target)
         for src_node, src in sources:
             dst.seen.update(self.bitmap(src_node, src).required(self._node(src_node).size))
+
+    def resize(self, node: str, size: int) -> None:
+        """The node is resized (``block_resize``, grow or shrink).
+
+        Data past the new end is gone. A bitmap keeps the granule that holds the new end
+        whole (QEMU clears only whole granules past it) and drops everything after; a
+        grown disk's new part is clean, and a partial last granule that was dirty covers
+        the whole granule once the disk grows past it.
+        """
+        n = self._node(node)
+        n.size = size
+        n.data.truncate(size)
+        for b in n.bitmaps.values():
+            b.seen.truncate(-(-size // b.granularity) * b.granularity)
 
     # -- data ---------------------------------------------------------------------------
 

@@ -18,7 +18,11 @@ Modelled (see :data:`READ_ONLY` for what is let through as not changing anything
   * ``block-commit``, ``blockdev-mirror`` and ``blockdev-backup`` (``sync`` incremental or
     bitmap, every ``bitmap-mode``) as jobs whose outcome comes from their events;
   * ``blockdev-reopen`` (read-only stores the bitmaps, read-write marks them in use);
-  * HMP ``qemu-io`` writes, zero writes and discards, on a node or a device;
+  * ``block_resize`` of a node: its size, and every bitmap's (bits past the new end,
+    beyond the granule that holds it, are dropped; a grown disk's new part is clean);
+  * HMP ``qemu-io`` writes, zero writes and discards, on a node or a device (a discard
+    dirties bitmaps only on a node opened with ``discard=unmap``: elsewhere QEMU
+    ignores it);
   * ``qemu-img create``/``bitmap`` and ``qemu-io`` writes on closed images.
 
 Anything else that could move data or change a bitmap raises :class:`UnmodelledCommand`
@@ -125,6 +129,9 @@ class GraphNode:
     #: opened for an incoming migration, or given away by an outgoing one: QEMU neither
     #: reads nor writes the image (no bitmaps loaded, none stored) until activated
     inactive: bool = False
+    #: opened with ``discard=unmap``: only then does a discard reach the driver (and
+    #: dirty the bitmaps); with the default ``ignore`` QEMU drops it at once
+    unmap: bool = False
 
 
 @dataclass
@@ -464,7 +471,8 @@ class Oracle:
                                              "blockdev-snapshot", "blockdev-snapshot-sync",
                                              "block-commit", "blockdev-mirror",
                                              "blockdev-reopen", "x-blockdev-reopen",
-                                             "device_add", "device_del", "nbd-server-add"):
+                                             "device_add", "device_del", "nbd-server-add",
+                                             "block_resize"):
             return
         if cmd == "blockdev-backup":
             if "bitmap" in args and args.get("sync") not in ("incremental", "bitmap"):
@@ -533,6 +541,9 @@ class Oracle:
             self._snapshot(view, base, overlay, add_backing=False)
         elif cmd in ("block-commit", "blockdev-mirror", "blockdev-backup"):
             self._job_started(vm, view, cmd, a)
+        elif cmd == "block_resize":
+            self._resize(view, self._landing(view, str(a.get("node-name", a.get("device")))),
+                         int(a["size"]))
         elif cmd == "device_add" and "drive" in a and "id" in a:
             view.devices[str(a["id"])] = str(a["drive"])
         elif cmd == "device_del":
@@ -732,7 +743,8 @@ class Oracle:
                 children[role] = child
         name = str(opts.get("node-name", f"#inline-{len(view.graph)}"))
         read_only = bool(opts.get("read-only", False))
-        gnode = GraphNode(name, driver, children, read_only, inactive=view.incoming is not None)
+        gnode = GraphNode(name, driver, children, read_only, inactive=view.incoming is not None,
+                          unmap=_unmaps(opts))
         view.graph[name] = gnode
         if driver == "file":
             gnode.image = None
@@ -820,6 +832,7 @@ class Oracle:
     def _reopen(self, vm: Machine, view: View, opts: dict[str, Any]) -> None:
         gnode = view.graph[str(opts["node-name"])]
         ro = bool(opts.get("read-only", False))
+        gnode.unmap = _unmaps(opts)  # an option left out is reset to its default
         for role in ("file", "backing", "image"):
             child = opts.get(role)
             if isinstance(child, str):
@@ -851,6 +864,13 @@ class Oracle:
         view.model.nodes.pop(name, None)
         for dev in [d for d, n in view.devices.items() if n == name]:
             del view.devices[dev]
+
+    def _resize(self, view: View, node: str, size: int) -> None:
+        """``block_resize``: the node, its image and its bitmaps take the new size."""
+        view.model.resize(node, size)
+        gnode = view.graph.get(node)
+        if gnode is not None and gnode.image is not None:
+            gnode.image.size = size  # its data extents are the model node's, cut already
 
     def _store(self, view: View, gnode: GraphNode) -> None:
         """A read-write node stores its persistent bitmaps (close, read-only reopen)."""
@@ -1001,7 +1021,7 @@ class Oracle:
             node = self._landing(view, target)
             if kind == "data":
                 view.model.write(node, off, length)
-            else:
+            elif view.graph[node].unmap:
                 mark_dirty(view.model, node, off, length)
 
     def _after_io_tool(self, args: list[str], output: str) -> None:
@@ -1031,7 +1051,10 @@ class Oracle:
             copy = self.images[out] = StoredImage(out, _virtual_size(out))
             if "--bitmaps" in args and "--image-opts" not in args:
                 source = self.image(args[-2])
-                copy.bitmaps = {n: b.copy() for n, b in source.bitmaps.items()}
+                # a bitmap in use on disk is inconsistent: --skip-broken-bitmaps leaves it
+                # behind (without it QEMU refuses the whole conversion)
+                copy.bitmaps = {n: b.copy() for n, b in source.bitmaps.items()
+                                if n not in source.in_use}
                 copy.data = source.data.copy()
         elif sub == "bitmap":
             self._img_bitmap(args[1:])
@@ -1102,6 +1125,11 @@ def mark_dirty(model: Model, node: str, offset: int, length: int) -> None:
     for b in model.nodes[node].bitmaps.values():
         if b.recording:
             b.seen.add(offset, length)
+
+
+def _unmaps(opts: dict[str, Any]) -> bool:
+    """Whether ``-blockdev``/``blockdev-add`` options make discards reach the driver."""
+    return opts.get("discard") in ("unmap", "on")
 
 
 def _node_size(vm: Machine, node: str) -> int:

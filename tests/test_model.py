@@ -105,3 +105,27 @@ def test_model_refuses_impossible_steps() -> None:
 def test_format_ranges_is_short() -> None:
     text = format_ranges([(i * 0x20000, 0x10000) for i in range(20)], limit=3)
     assert text == "[0x0+0x10000, 0x20000+0x10000, 0x40000+0x10000, ... (17 more)]"
+
+
+def test_resize_keeps_the_granule_holding_the_new_end_and_drops_the_rest() -> None:
+    """block_resize: QEMU clears only whole granules past the new end, and a grown
+    disk's new part is clean; the data past a shrunk end is gone."""
+    m = Model()
+    m.node("d0", 4 * MiB)
+    m.add_bitmap("d0", "b", granularity=0x10000)
+    m.write("d0", 0x2F000, 0x1000)    # in the granule [0x20000, 0x30000)
+    m.write("d0", 0x3F0000, 0x10000)  # the last granule
+    m.resize("d0", 0x28000)           # the end falls inside [0x20000, 0x30000)
+    assert list(m.nodes["d0"].data) == []
+    assert list(m.bitmap("d0", "b").required(0x28000)) == [(0x20000, 0x8000)]
+    m.resize("d0", 4 * MiB)           # the kept granule is whole again; the rest is clean
+    assert list(m.bitmap("d0", "b").required(4 * MiB)) == [(0x20000, 0x10000)]
+
+
+def test_resize_cuts_data_in_place() -> None:
+    """The model node shares its data extents with the image: the cut must be in place."""
+    shared = Extents([(0, 0x1000), (0x3000, 0x2000)])
+    m = Model()
+    m.node("d0", 0x10000).data = shared
+    m.resize("d0", 0x4000)
+    assert list(shared) == [(0, 0x1000), (0x3000, 0x1000)]
