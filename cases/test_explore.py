@@ -16,7 +16,7 @@ from harness import explore
 from harness.session import Environment
 
 #: sized so that this test adds well under 30 s to ``make check`` (measured in the README)
-BUDGET = explore.Budget(examples=24, steps=12, seed=0)
+BUDGET = explore.Budget(examples=16, steps=12, seed=0)
 
 
 def test_bounded_exploration(qio_env: Environment, tmp_path: Path) -> None:
