@@ -15,6 +15,12 @@ before its bitmaps have arrived (busy, the enabled ones recording into nameless
 successors); writes there must be in them once the migration completes. Post-copy of RAM
 needs userfaultfd: as root it works here; elsewhere the case skips with QEMU's reason.
 
+Storage migration (``test_storage_migration_mirror``): each VM has its own image; the
+destination exports its own over NBD and the source mirrors into it before migrating, as
+libvirt does. The writes go through a virtio-blk device so that they pass the mirror's
+filter node: written to the node below it (HMP qemu-io on the node), QEMU 10.0 does not
+copy them to the target (7.2's mirror still sees them through its dirty bitmap).
+
 A migration that fails (``migrate_cancel``, the destination SIGKILLed mid-way) must leave
 the source's bitmaps as they were, usable for the next incremental backup and for the
 next migration. QEMU bug found here: after such a failure the source no longer stores its
@@ -24,6 +30,7 @@ persistent bitmaps when it quits (``test_failed_migration_then_quit``).
 from __future__ import annotations
 
 import signal
+from functools import partial
 
 import pytest
 
@@ -32,6 +39,7 @@ from harness.actions import (
     backup,
     bitmap_add,
     full_backup,
+    guest_writes,
     incremental_backup,
     migration_caps,
     wait_migration,
@@ -59,21 +67,27 @@ THROTTLED = 1000  # bytes/s: the RAM pass takes ages, the migration stays active
 RELEASED = 1 << 30
 
 
-def vm_for(qio: Case, name: str, image: str, incoming: str | None = None) -> VM:
+def vm_for(qio: Case, name: str, image: str, incoming: str | None = None,
+           device: bool = False) -> VM:
+    """A VM on ``image`` (node NODE); with ``device`` a virtio-blk device on it too, whose
+    writes pass through the filters a job inserts above the node (a mirror's)."""
     args = blockdev(qcow2_node(qio.path(image), NODE))
+    if device:
+        args += ["-device", f"virtio-blk-pci,drive={NODE},id=disk0"]
     if incoming is not None:
         args += ["-incoming", incoming]
     return qio.vm(name, args=args, log_prefix=f"{name}: ")
 
 
-def add_bitmaps(vm: VM) -> None:
+def add_bitmaps(vm: VM, device: bool = False) -> None:
     """Every bitmap of BITMAPS with its own history: the disabled ones stop recording
-    after the first writes."""
+    after the first writes (written through the VM's device if it has one)."""
     for name, gran, persistent, _ in BITMAPS:
         vm.qmp_log("block-dirty-bitmap-add", node=NODE, name=name, granularity=gran,
                    persistent=persistent)
-    writes(vm, NODE, BEFORE, 0x11)
-    writes(vm, NODE, WHILE_ENABLED, 0x22)
+    put = guest_writes if device else partial(writes, target=NODE)
+    put(vm, regions=BEFORE, pattern=0x11)
+    put(vm, regions=WHILE_ENABLED, pattern=0x22)
     for name, _, _, enabled in BITMAPS:
         if not enabled:
             vm.qmp_log("block-dirty-bitmap-disable", node=NODE, name=name)
@@ -287,5 +301,83 @@ def test_shared_storage_postcopy(qio: Case, ram: bool) -> None:
 
     qio.log.heading("a third VM on the image: the persistent bitmaps are back")
     after = vm_for(qio, "after", "disk.qcow2")
+    after.launch()
+    qio.show_bitmaps(after, NODE, hashes=False)
+
+
+# -- storage migration: the destination's own image, filled by blockdev-mirror over NBD ----
+
+
+def export_for_mirror(dst: VM, sock: str) -> None:
+    """The destination's empty image, exported writable on its own NBD server (QEMU
+    activates the node for the export, before the migration hands over)."""
+    dst.qmp_log("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    if dst.has_command("block-export-add"):
+        dst.qmp_log("block-export-add", type="nbd", id="mig0", node_name=NODE,
+                    writable=True)
+    else:
+        dst.qmp_log("nbd-server-add", device=NODE, writable=True)
+
+
+@pytest.mark.requires(qmp=["blockdev-mirror", "nbd-server-start", "block-job-cancel",
+                           "migrate-continue"])
+def test_storage_migration_mirror(qio: Case) -> None:
+    """Non-shared storage, as libvirt migrates it: the destination exports its own empty
+    image over NBD, the source mirrors its disk there (``sync=full``) and keeps mirroring
+    writes once the job is ready; the migration (``dirty-bitmaps``) pauses before the
+    switchover (``pause-before-switchover``), where the source, stopped, cancels the ready
+    mirror (``block-job-cancel``: the job completes without switching, the target is a
+    point-in-time copy) and then lets the migration finish. The bitmaps travel in the
+    stream; the destination's image gets the persistent ones when it quits."""
+    qio.img.create("src.qcow2", SIZE)
+    qio.img.create("dst.qcow2", SIZE)
+    src = vm_for(qio, "src", "src.qcow2", device=True)
+    dst = vm_for(qio, "dst", "dst.qcow2", incoming="defer", device=True)
+    src.launch()
+    dst.launch()
+    caps = {c["capability"] for c in src.qmp("query-migrate-capabilities")}
+    if "pause-before-switchover" not in caps:
+        pytest.skip(f"QEMU {qio.probe.version} has no capability pause-before-switchover")
+    add_bitmaps(src, device=True)
+
+    qio.log.heading("the destination exports its image; the source mirrors into it")
+    nbd = str(qio.sockdir / "nbd.sock")
+    export_for_mirror(dst, nbd)
+    src.qmp_log("blockdev-add", driver="nbd", node_name="target0",
+                server={"type": "unix", "path": nbd}, export=NODE)
+    src.qmp_log("blockdev-mirror", job_id="mirror0", device=NODE, target="target0",
+                sync="full")
+    src.event_wait("BLOCK_JOB_READY", match=lambda e: e["data"]["device"] == "mirror0")
+    qio.log.log("src: BLOCK_JOB_READY mirror0")
+    guest_writes(src, DURING, 0x33)  # through the mirror's filter: copied to the target
+
+    qio.log.heading("migrate; before the switchover the ready mirror is cancelled")
+    migration_caps(src, events=True, dirty_bitmaps=True, pause_before_switchover=True)
+    migration_caps(dst, events=True, dirty_bitmaps=True)
+    mig = f"unix:{qio.sockdir / 'mig.sock'}"
+    dst.qmp_log("migrate-incoming", uri=mig)
+    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
+    src.qmp_log("migrate", uri=mig)
+    assert wait_migration(src, until=("active",)) == "active"
+    guest_writes(src, ((0x500000, 0x10000),), 0x55)  # mirrored, and in the bitmaps
+    src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
+    assert wait_migration(src, until=("pre-switchover",)) == "pre-switchover"
+    src.qmp_log("block-job-cancel", device="mirror0")
+    assert src.run_job("mirror0") is None
+    src.qmp_log("blockdev-del", node_name="target0")
+    src.qmp_log("migrate-continue", state="pre-switchover")
+    assert wait_migration(src) == "completed"
+    assert wait_migration(dst) == "completed"
+    dst.qmp_log("nbd-server-stop")
+    qio.img.run("compare", "-U", "src.qcow2", "dst.qcow2", log=True)
+    qio.show_bitmaps(dst, NODE, hashes=False)
+    qio.check_live(dst, NODE)
+
+    qio.log.heading("the destination runs on; then its image holds the persistent bitmaps")
+    guest_writes(dst, AFTER, 0x44)
+    src.shutdown()
+    dst.shutdown()
+    qio.show_image_bitmaps("src.qcow2")
+    after = vm_for(qio, "after", "dst.qcow2")
     after.launch()
     qio.show_bitmaps(after, NODE, hashes=False)

@@ -20,6 +20,10 @@ Modelled (see :data:`READ_ONLY` for what is let through as not changing anything
   * ``blockdev-reopen`` (read-only stores the bitmaps, read-write marks them in use);
   * ``block_resize`` of a node: its size, and every bitmap's (bits past the new end,
     beyond the granule that holds it, are dropped; a grown disk's new part is clean);
+  * NBD exports (``block-export-add``, ``nbd-server-add``: the node is activated) and
+    ``nbd`` client nodes on an export of another VM of the case: writes into them land
+    in the exporting VM's node (a mirror into a migration's destination);
+  * live migration (``migrate`` and friends; the rules are harness/migration.py's);
   * HMP ``qemu-io`` writes, zero writes and discards, on a node or a device (a discard
     dirties bitmaps only on a node opened with ``discard=unmap``: elsewhere QEMU
     ignores it);
@@ -132,6 +136,8 @@ class GraphNode:
     #: opened with ``discard=unmap``: only then does a discard reach the driver (and
     #: dirty the bitmaps); with the default ``ignore`` QEMU drops it at once
     unmap: bool = False
+    #: an NBD client node whose export is a node of another VM of the case: (vm, node)
+    remote: tuple[str, str] | None = None
 
 
 @dataclass
@@ -145,6 +151,7 @@ class Job:
     filter_node: str | None = None
     source: str = ""
     reopened: str | None = None  # a read-only node QEMU reopened read-write for it
+    pivot: bool = False  # job-complete sent: a mirror that ends switches to its target
 
 
 @dataclass
@@ -157,6 +164,8 @@ class View:
     jobs: dict[str, Job] = field(default_factory=dict)
     rw_images: dict[Path, StoredImage] = field(default_factory=dict)
     nbd_socket: str | None = None
+    #: NBD exports of the case's server: id -> (export name, node, writable)
+    exports: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
     pending_io: int = 0
     caps: dict[str, bool] = field(default_factory=dict)  # migration capabilities
     mapping: list[dict[str, Any]] | None = None  # the block-bitmap-mapping parameter
@@ -322,6 +331,7 @@ class Oracle:
             self._after_io_tool(list(args), result.stdout + result.stderr)
 
     def before_tool(self, tool: str, args: Sequence[str]) -> None:
+        self._refuse_nbd_writers(tool, args)
         if tool == "qemu-img":
             sub = args[0] if args else ""
             if sub in IMG_READS or sub in ("create", "bitmap", "convert"):
@@ -335,6 +345,22 @@ class Oracle:
         elif tool == "qemu-io":
             for cmd in _tool_io_commands(args):
                 _parse_io(cmd)  # raises if unmodelled
+
+    def _refuse_nbd_writers(self, tool: str, args: Sequence[str]) -> None:
+        """A tool may read a writable export of a VM, never write through it: the oracle
+        follows writes into a VM's node only from that VM or an NBD client node of
+        another VM of the case."""
+        reads = (tool == "qemu-img" and bool(args) and args[0] in IMG_READS) or (
+            tool == "qemu-io" and "-r" in args)
+        if reads:
+            return
+        for name, v in self.views.items():
+            if v.nbd_socket is None or not any(w for _, _, w in v.exports.values()):
+                continue
+            if any(v.nbd_socket in str(a) for a in args):
+                raise UnmodelledCommand(f"{tool} on the writable NBD export of vm {name!r} "
+                                        "may write where the oracle cannot see it; use "
+                                        "qemu-io -r, or a node of a VM of the case")
 
     # -- checks --------------------------------------------------------------------------
 
@@ -480,9 +506,9 @@ class Oracle:
                                         "bitmap is not modelled by the oracle")
             return
         if cmd == "block-export-add":
-            if args.get("writable"):
-                raise UnmodelledCommand("a writable block-export-add lets NBD clients write "
-                                        "where the oracle cannot see it")
+            if args.get("writable") and args.get("type") != "nbd":
+                raise UnmodelledCommand(f"a writable {args.get('type')} export lets clients "
+                                        "write where the oracle cannot see it")
             return
         if cmd == "qom-set":
             return
@@ -559,6 +585,15 @@ class Oracle:
                 view.nbd_socket = str(addr.get("data", addr).get("path"))
         elif cmd == "nbd-server-stop":
             view.nbd_socket = None
+            view.exports.clear()
+        elif cmd in ("block-export-add", "nbd-server-add"):
+            self._export(view, cmd, a)
+        elif cmd in ("block-export-del", "nbd-server-remove"):
+            view.exports.pop(str(a.get("id", a.get("name"))), None)
+        elif cmd in ("job-complete", "block-job-complete"):
+            job = view.jobs.get(str(a.get("id", a.get("device"))))
+            if job is not None:
+                job.pivot = True
         elif cmd in MIGRATION_COMMANDS or cmd == "cont":
             self._apply_migration(vm, view, cmd, a)
 
@@ -678,21 +713,34 @@ class Oracle:
         source's own that never left RAM), and flags them in use."""
         view.incoming = None
         for gnode in view.graph.values():
-            if not gnode.inactive:
-                continue
-            gnode.inactive = False
-            image = gnode.image
-            if image is None:
-                continue
-            mnode = view.model.node(gnode.name, image.size)
-            for bname, b in image.bitmaps.items():
-                if bname not in mnode.bitmaps:
-                    mnode.bitmaps[bname] = b.copy()
-                    self.had_bitmaps = True
-            gnode.on_disk = set(image.bitmaps)
-            if not gnode.read_only:
-                image.in_use |= gnode.on_disk
-                view.rw_images[image.path] = image
+            self._activate_node(view, gnode)
+
+    def _activate_tree(self, view: View, name: str) -> None:
+        """``bdrv_activate`` of one node: the node and everything below it."""
+        gnode = view.graph.get(name)
+        if gnode is None:
+            return
+        self._activate_node(view, gnode)
+        for role, child in gnode.children.items():
+            if role != "path":
+                self._activate_tree(view, child)
+
+    def _activate_node(self, view: View, gnode: GraphNode) -> None:
+        if not gnode.inactive:
+            return
+        gnode.inactive = False
+        image = gnode.image
+        if image is None:
+            return
+        mnode = view.model.node(gnode.name, image.size)
+        for bname, b in image.bitmaps.items():
+            if bname not in mnode.bitmaps:
+                mnode.bitmaps[bname] = b.copy()
+                self.had_bitmaps = True
+        gnode.on_disk = set(image.bitmaps)
+        if not gnode.read_only:
+            image.in_use |= gnode.on_disk
+            view.rw_images[image.path] = image
 
     def _arrive(self, m: Migration) -> None:
         """The destination takes over: the migrated bitmaps appear on its nodes (before
@@ -718,6 +766,51 @@ class Oracle:
             mnode.bitmaps[b.name] = b
             self.had_bitmaps = True
         self._activate(view)
+
+    # -- NBD exports and the client nodes that write into them -----------------------------
+
+    def _export(self, view: View, cmd: str, a: dict[str, Any]) -> None:
+        """An NBD export of the case's server. QEMU activates the exported node first
+        (``blk_exp_add``: exports carry non-shared storage migration, so a destination's
+        image is written before the migration hands over): its image is QEMU's from now."""
+        if cmd == "block-export-add":
+            if a.get("type") != "nbd":
+                return
+            node = self._resolve(view, str(a["node-name"]))
+            export_id = str(a["id"])
+            name = str(a.get("name", a["node-name"]))
+        else:
+            node = self._resolve(view, str(a["device"]))
+            export_id = name = str(a.get("name", a["device"]))
+        view.exports[export_id] = (name, node, bool(a.get("writable")))
+        self._activate_tree(view, node)
+
+    def _remote_of(self, opts: dict[str, Any]) -> tuple[str, str] | None:
+        """The (vm, node) an ``nbd`` client node reaches: an export of a VM of the case
+        whose NBD server listens on that unix socket (None for anything else)."""
+        server = opts.get("server")
+        if not isinstance(server, dict) or server.get("type") != "unix":
+            return None
+        export = str(opts.get("export", ""))
+        for name, v in self.views.items():
+            if v.nbd_socket is None or v.nbd_socket != str(server.get("path")):
+                continue
+            for ename, node, _ in v.exports.values():
+                if ename == export:
+                    return name, node
+        return None
+
+    def _write(self, view: View, node: str, offset: int, length: int) -> None:
+        """Data written into ``node``; through an NBD client node it lands in the node of
+        the VM that exports it (recorded by that node's bitmaps, not by this VM's)."""
+        gnode = view.graph.get(node)
+        if gnode is not None and gnode.remote is not None:
+            vm_name, remote = gnode.remote
+            there = self.views.get(vm_name)
+            if there is not None and remote in there.model.nodes:
+                there.model.write(remote, offset, length)
+                return
+        view.model.write(node, offset, length)
 
     def _refuse_inactive(self, vm: Machine, view: View, target: str, command: str) -> None:
         if not _parse_io(command):
@@ -745,6 +838,8 @@ class Oracle:
         read_only = bool(opts.get("read-only", False))
         gnode = GraphNode(name, driver, children, read_only, inactive=view.incoming is not None,
                           unmap=_unmaps(opts))
+        if driver == "nbd":
+            gnode.remote = self._remote_of(opts)
         view.graph[name] = gnode
         if driver == "file":
             gnode.image = None
@@ -963,12 +1058,18 @@ class Oracle:
                 if view.graph[n].implicit:
                     self._close(view, n)
         elif job.kind == "blockdev-mirror" and succeeded:
+            # the target holds the source's data (written there while the job ran: a
+            # lower bound for the bitmaps of a target that had them all along). It ends
+            # "completed" after job-complete (the device switches to the target) or after
+            # a block-job-cancel of a ready job (no switch: a point-in-time copy)
             target = str(a["target"])
             sync = str(a.get("sync"))
             layers = self._chain(view, job.source) if sync == "full" else [job.source]
             for layer in layers:
                 for off, length in view.model.nodes[layer].data:
-                    view.model.write(target, off, length)
+                    self._write(view, target, off, length)
+            if not job.pivot:
+                return
             for dev, node in view.devices.items():
                 if node == job.source:
                     view.devices[dev] = target
@@ -1020,7 +1121,7 @@ class Oracle:
         for kind, off, length in _parse_io(command):
             node = self._landing(view, target)
             if kind == "data":
-                view.model.write(node, off, length)
+                self._write(view, node, off, length)
             elif view.graph[node].unmap:
                 mark_dirty(view.model, node, off, length)
 

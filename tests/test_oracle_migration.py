@@ -157,3 +157,82 @@ def test_what_the_oracle_cannot_follow_is_refused(case: Case) -> None:
     assert src.qmp("query-migrate") == {}, "QEMU got the command anyway"
     src.shutdown()
     dst.kill()
+
+
+# -- a mirror into another VM's NBD export ---------------------------------------------
+
+
+def exporter(case: Case) -> tuple[VM, VM, str]:
+    """``dst`` exports its drive0 (bitmap b, recording) writable; ``src`` has a device on
+    its drive0 with data, and an NBD client node ``target0`` on dst's export."""
+    case.img.create("src.qcow2", 8 * MiB)
+    case.img.create("dst.qcow2", 8 * MiB)
+    src = case.vm("src", args=[*blockdev(qcow2_node(case.path("src.qcow2"), "drive0")),
+                               "-device", "virtio-blk-pci,drive=drive0,id=disk0"])
+    dst = case.vm("dst", args=blockdev(qcow2_node(case.path("dst.qcow2"), "drive0")),
+                  machine_type="none")
+    src.launch()
+    dst.launch()
+    sock = str(case.sockdir / "nbd.sock")
+    dst.qmp("block-dirty-bitmap-add", node="drive0", name="b")
+    dst.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    dst.qmp("block-export-add", type="nbd", id="e0", node_name="drive0", writable=True)
+    writes(src, "disk0/virtio-backend", [(0x100000, 0x1000)], device=True)
+    src.qmp("blockdev-add", driver="nbd", node_name="target0",
+            server={"type": "unix", "path": sock}, export="drive0")
+    return src, dst, sock
+
+
+def mirror(src: VM, complete: bool) -> None:
+    src.qmp("blockdev-mirror", job_id="m0", device="drive0", target="target0", sync="full")
+    src.event_wait("BLOCK_JOB_READY")
+    if complete:
+        src.qmp("job-complete", id="m0")
+    else:
+        src.qmp("block-job-cancel", device="m0")
+    src.event_wait("BLOCK_JOB_COMPLETED")
+
+
+def test_a_mirror_writes_into_the_exporting_vm(case: Case) -> None:
+    """What the mirror copies lands in dst's node: dst's bitmap must have it; hidden
+    from the oracle (b disabled on the raw channel first), it is missed and caught."""
+    src, dst, _ = exporter(case)
+    mirror(src, complete=False)
+    verdicts = case.check_live(dst, "drive0")
+    assert list(verdicts[0].required) == [(0x100000, 0x10000)]
+    assert list(case.oracle.model(src).nodes["target0"].bitmaps) == []
+    dst.qmp("block-dirty-bitmap-clear", node="drive0", name="b")
+    dst.execute("block-dirty-bitmap-disable", {"node": "drive0", "name": "b"})
+    src.qmp("blockdev-mirror", job_id="m1", device="drive0", target="target0", sync="full")
+    src.event_wait("BLOCK_JOB_READY")
+    src.qmp("block-job-cancel", device="m1")
+    src.event_wait("BLOCK_JOB_COMPLETED")
+    with pytest.raises(OracleFailure, match=r"missing \[0x100000\+0x10000\]"):
+        case.check_live(dst, "drive0")
+    src.shutdown()
+    dst.kill()
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["job-complete", "block-job-cancel"])
+def test_only_job_complete_switches_the_device_to_the_target(case: Case,
+                                                             complete: bool) -> None:
+    """A ready mirror ends "completed" both ways; only job-complete makes the device
+    write into the target (here: dst's node, through NBD)."""
+    src, dst, _ = exporter(case)
+    mirror(src, complete)
+    dst.qmp("block-dirty-bitmap-clear", node="drive0", name="b")
+    writes(src, "disk0/virtio-backend", [(0x300000, 0x1000)], device=True)
+    verdicts = case.check_live(dst, "drive0")
+    assert list(verdicts[0].required) == ([(0x300000, 0x10000)] if complete else [])
+    src.shutdown()
+    dst.shutdown()
+
+
+def test_a_tool_may_not_write_through_a_writable_export(case: Case) -> None:
+    src, dst, sock = exporter(case)
+    uri = f"nbd+unix:///drive0?socket={sock}"
+    with pytest.raises(UnmodelledCommand, match="writable NBD export of vm 'dst'"):
+        case.io.io(uri, "write 0 4096", fmt=None)
+    case.io.run("-r", "-c", "read 0 4096", uri)
+    src.shutdown()
+    dst.shutdown()
