@@ -72,6 +72,7 @@ from harness.model import (
     format_ranges,
 )
 from harness.qcow2 import Qcow2Image
+from harness.qcow2_writer import Written
 from harness.tools import QemuImg, Result
 from harness.transcript import Transcript
 
@@ -203,6 +204,24 @@ class Oracle:
         tool the oracle does not follow): logged, and returned for the case to update."""
         self.log.log(f"oracle: {Path(path).name} edited by hand: {why}")
         return self.image(path)
+
+    def crafted(self, written: Written, why: str) -> StoredImage:
+        """An image whose bitmaps the case wrote itself (``harness/qcow2_writer.py``): the
+        model learns every bit the bytes say, so the automatic checks follow. Bitmaps a
+        cleared autoclear bit makes inconsistent are not stored for QEMU to load; ``in_use``
+        ones are (QEMU loads them inconsistent); one whose content is undefined is not."""
+        image = self.edited_by_hand(written.path, why)
+        image.size = written.virtual_size
+        image.bitmaps, image.in_use = {}, set()
+        for b in written.bitmaps if written.autoclear else ():
+            if b.dirty is None:
+                continue
+            self.had_bitmaps = True
+            image.bitmaps[b.name] = ModelBitmap(b.name, b.granularity, recording=b.auto,
+                                                persistent=True, seen=Extents(b.dirty))
+            if b.in_use:
+                image.in_use.add(b.name)
+        return image
 
     def summary(self) -> str | None:
         """The last line of every passing case's transcript (None for a test in which no
@@ -427,9 +446,10 @@ class Oracle:
         return [f"bitmap {model.name!r} on {node!r} ({where}): " + "; ".join(problems)]
 
     def check_disk(self, path: str | Path, names: Sequence[str] | None = None,
-                   where: str = "on disk") -> list[Verdict]:
+                   where: str = "on disk", exact: bool = False) -> list[Verdict]:
         """The model's stored bitmaps of an image against the file itself (read directly,
-        no QEMU involved); ``in_use`` on disk counts as inconsistent."""
+        no QEMU involved); ``in_use`` on disk counts as inconsistent. ``exact``: the model
+        knows every bit (a crafted image), so extra ranges fail too."""
         image = self.image(path)
         qimg = Qcow2Image.open(image.path)
         stored = {b.name: b for b in qimg.bitmaps}
@@ -445,7 +465,13 @@ class Oracle:
             ranges = [] if inconsistent else b.dirty_ranges()
             verdicts.append(image.bitmaps[name].verdict(image.node or image.path.stem,
                                                         image.size, ranges, inconsistent))
-        return self._judge(verdicts, where)
+        self._judge(verdicts, where)
+        extra = [v for v in verdicts if exact and v.extra]
+        if extra:
+            raise OracleFailure("\n".join(
+                f"bitmap {v.bitmap!r} of {image.path.name} ({where}) has dirty ranges the "
+                f"model does not: extra {format_ranges(v.extra)}" for v in extra), verdicts)
+        return verdicts
 
     def check_exact(self, vm: Machine, node: str, names: Iterable[str],
                     where: str) -> list[Verdict]:
