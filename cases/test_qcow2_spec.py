@@ -122,6 +122,13 @@ def qemu_view(qio: Case, w: Written, read_only: bool, write: bool = False) -> No
     if want:
         qio.oracle.check_exact(vm, "disk", sorted(want),
                                where="read-only" if read_only else "read-write")
+    if want and not read_only:
+        # "Flag 'in_use' should be set while the bitmap is not synced": on disk now
+        on_disk = Qcow2Image.open(w.path)
+        flagged = sorted(b.name for b in on_disk.bitmaps if b.in_use)
+        qio.log.log(f"{vm.name}: in_use on disk while open: {', '.join(map(short, flagged))}")
+        assert flagged == sorted(want), f"in_use on disk while QEMU has the image " \
+            f"open read-write: {flagged}, expected {sorted(want)}"
     if write:
         vm.qemu_io("disk", "write -P 0x5a 0x3000 0x1000", log=True)
         qio.oracle.check_exact(vm, "disk", sorted(want), where="after a write")
@@ -223,8 +230,8 @@ LEGAL: dict[str, dict[str, Any]] = {
         bitmaps=[B(f"bitmap-{i:02d}", 9 + i % 4, dirty=[(i << 18, 0x1000)])
                  for i in range(24)], opts=["cluster_size=512"]),
     "table-spans-clusters": dict(
-        bitmaps=[B("big", 9, dirty=[(0, 0x1000), (0x7ff0000, 0x10000)])],
-        size=128 << 20, opts=["cluster_size=512"]),
+        bitmaps=[B("big", 9, dirty=[(0, 0x1000), (0xfff0000, 0x10000)])],
+        size=256 << 20, opts=["cluster_size=512"]),
     "extension-first": dict(bitmaps=[B("b0", dirty=[(0, 1)])], ext_first=True),
     "refcount-bits-1": dict(bitmaps=[B("b0", 12, dirty=[(0, 1)], entries=["data"])],
                             opts=["refcount_bits=1"]),
