@@ -15,6 +15,14 @@ before its bitmaps have arrived (busy, the enabled ones recording into nameless
 successors); writes there must be in them once the migration completes. Post-copy of RAM
 needs userfaultfd: as root it works here; elsewhere the case skips with QEMU's reason.
 
+If the source dies in post-copy (``test_postcopy_source_killed``), the destination of a
+bitmaps-only post-copy runs on, reports ``completed`` and has dropped every bitmap that
+was still on the way.
+
+``test_bitmap_mapping_aliases``: a ``block-bitmap-mapping`` on each side renames the node
+and a bitmap, makes a transient bitmap persistent on the way and leaves the unlisted ones
+home (the persistent one then reaches the destination through the shared image).
+
 Storage migration (``test_storage_migration_mirror``): each VM has its own image; the
 destination exports its own over NBD and the source mirrors into it before migrating, as
 libvirt does. The writes go through a virtio-blk device so that they pass the mirror's
@@ -68,12 +76,12 @@ RELEASED = 1 << 30
 
 
 def vm_for(qio: Case, name: str, image: str, incoming: str | None = None,
-           device: bool = False) -> VM:
-    """A VM on ``image`` (node NODE); with ``device`` a virtio-blk device on it too, whose
-    writes pass through the filters a job inserts above the node (a mirror's)."""
-    args = blockdev(qcow2_node(qio.path(image), NODE))
+           device: bool = False, node: str = NODE) -> VM:
+    """A VM on ``image`` (node ``node``); with ``device`` a virtio-blk device on it too,
+    whose writes pass through the filters a job inserts above the node (a mirror's)."""
+    args = blockdev(qcow2_node(qio.path(image), node))
     if device:
-        args += ["-device", f"virtio-blk-pci,drive={NODE},id=disk0"]
+        args += ["-device", f"virtio-blk-pci,drive={node},id=disk0"]
     if incoming is not None:
         args += ["-incoming", incoming]
     return qio.vm(name, args=args, log_prefix=f"{name}: ")
@@ -381,3 +389,98 @@ def test_storage_migration_mirror(qio: Case) -> None:
     after = vm_for(qio, "after", "dst.qcow2")
     after.launch()
     qio.show_bitmaps(after, NODE, hashes=False)
+
+
+# -- block-bitmap-mapping: aliases on the wire, renames, bitmaps that stay home ------------
+
+OTHER = "other0"
+#: the source sends two of BITMAPS under aliases, one made persistent on the way
+SRC_MAP = [{"node-name": NODE, "alias": "disk", "bitmaps": [
+    {"name": "persistent-on", "alias": "pon"},
+    {"name": "transient-on", "alias": "ton", "transform": {"persistent": True}}]}]
+#: the destination's node has another name; one bitmap arrives under a new name
+DST_MAP = [{"node-name": OTHER, "alias": "disk", "bitmaps": [
+    {"name": "renamed-on", "alias": "pon"},
+    {"name": "transient-on", "alias": "ton"}]}]
+
+
+@pytest.mark.requires(args=["migrate-set-parameters.block-bitmap-mapping.bitmaps.transform"])
+def test_bitmap_mapping_aliases(qio: Case) -> None:
+    """Shared storage, the destination's node named differently: a ``block-bitmap-mapping``
+    on each side maps both to the alias "disk". Listed bitmaps travel under their aliases
+    (``persistent-on`` arrives as ``renamed-on``; ``transient-on`` arrives persistent, by
+    the source's ``transform``); the unlisted ones stay home: the source stores
+    ``persistent-off`` in the image when it lets go of it, and the destination loads it
+    from there; ``transient-off`` is gone."""
+    qio.img.create("disk.qcow2", SIZE)
+    sock = qio.sockdir / "mig.sock"
+    src = vm_for(qio, "src", "disk.qcow2")
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming="defer", node=OTHER)
+    src.launch()
+    dst.launch()
+    add_bitmaps(src)
+
+    qio.log.heading("migrate with a mapping on each side")
+    for vm, mapping in ((src, SRC_MAP), (dst, DST_MAP)):
+        migration_caps(vm, events=True, dirty_bitmaps=True)
+        vm.qmp_log("migrate-set-parameters", block_bitmap_mapping=mapping)
+    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
+    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
+    src.qmp_log("migrate", uri=f"unix:{sock}")
+    assert wait_migration(src, until=("active",)) == "active"
+    writes(src, NODE, DURING, 0x33)
+    src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
+    assert wait_migration(src) == "completed"
+    assert wait_migration(dst) == "completed"
+    qio.show_bitmaps(dst, OTHER, hashes=False)
+    qio.check_live(dst, OTHER)
+
+    qio.log.heading("the destination runs on; a third VM finds the persistent ones")
+    writes(dst, OTHER, AFTER, 0x44)
+    src.shutdown()
+    dst.shutdown()
+    after = vm_for(qio, "after", "disk.qcow2")
+    after.launch()
+    qio.show_bitmaps(after, NODE, hashes=False)
+
+
+@pytest.mark.requires(qmp=["migrate-start-postcopy"],
+                      args=["migrate-set-parameters.max-postcopy-bandwidth",
+                            "migrate-set-parameters.downtime-limit"])
+def test_postcopy_source_killed(qio: Case) -> None:
+    """Post-copy of the bitmaps alone, the source SIGKILLed while they are on the way: the
+    destination has all of the VM and runs on, but drops every bitmap still unfinished
+    (all of them: their COMPLETE chunks come last) and still reports ``completed``
+    (QEMU: "All states are migrated except dirty bitmaps"). Nothing was stored: the
+    image has no bitmaps. A new bitmap on the destination works as usual."""
+    qio.img.create("disk.qcow2", POSTCOPY_SIZE)
+    sock = qio.sockdir / "mig.sock"
+    src = vm_for(qio, "src", "disk.qcow2")
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming="defer")
+    src.launch()
+    dst.launch()
+    add_bitmaps(src)
+
+    qio.log.heading("post-copy of the bitmaps; the source dies on the way")
+    for vm in (src, dst):
+        postcopy_caps(qio, vm, ram=False)
+    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
+    src.qmp_log("migrate-set-parameters", max_postcopy_bandwidth=THROTTLED,
+                downtime_limit=SHORT_DOWNTIME)
+    src.qmp_log("migrate", uri=f"unix:{sock}")
+    src.qmp_log("migrate-start-postcopy")
+    assert wait_migration(src, until=("postcopy-active",)) == "postcopy-active"
+    dst.event_wait("RESUME")
+    qio.log.log("dst: RESUME")
+    writes(dst, NODE, AFTER, 0x44)
+    src.kill(signal.SIGKILL)
+    qio.log.log("src: killed with SIGKILL")
+    assert wait_migration(dst) == "completed"
+    qio.show_bitmaps(dst, NODE, hashes=False)
+    assert dst.qmp("query-status")["status"] == "running"
+
+    qio.log.heading("the destination runs on; a new bitmap records as usual")
+    dst.qmp_log("block-dirty-bitmap-add", node=NODE, name="fresh", persistent=True)
+    writes(dst, NODE, DURING, 0x55)
+    dst.shutdown()
+    qio.show_image_bitmaps("disk.qcow2")

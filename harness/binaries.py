@@ -207,6 +207,30 @@ class Probe:
         arg_type = by_name.get(cmd.get("arg-type"))
         return self._member_names(arg_type, by_name)
 
+    def has_argument(self, command: str, path: str) -> bool:
+        """Whether ``command`` takes the argument ``path``: a member name, or a dotted
+        path into nested objects and lists (``block-bitmap-mapping.bitmaps.transform``)."""
+        by_name = {e.get("name"): e for e in self.schema}
+        cmd = by_name.get(command)
+        if not cmd or cmd.get("meta-type") != "command":
+            return False
+        types = [by_name.get(cmd.get("arg-type"), {})]
+        for name in path.split("."):
+            found = []
+            for t in types:
+                while t.get("meta-type") == "array":
+                    t = by_name.get(t.get("element-type"), {})
+                variants = [by_name.get(v.get("type"), {}) for v in t.get("variants", [])]
+                alts = [by_name.get(m.get("type"), {}) for m in t.get("members", [])
+                        ] if t.get("meta-type") == "alternate" else []
+                for obj in [t, *variants, *alts]:
+                    found += [by_name.get(m.get("type"), {}) for m in obj.get("members", [])
+                              if m.get("name") == name]
+            if not found:
+                return False
+            types = found
+        return True
+
     def takes_node_bitmaps(self, command: str, member: str) -> bool:
         """Whether ``command``'s list argument ``member`` takes bitmaps as ``{"node",
         "name"}`` objects (an alternate with a ``BlockDirtyBitmap``-like branch), in the

@@ -63,6 +63,7 @@ class Migration:
     switched: bool = False  # the source inactivated its disks
     arrived: bool = False  # the destination took over (bitmaps created there)
     done: set[str] = field(default_factory=set)  # "source", "dest": seen their end
+    landed: list[tuple[str, str]] = field(default_factory=list)  # (node, bitmap) on dest
 
     @property
     def in_flight(self) -> bool:

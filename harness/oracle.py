@@ -302,7 +302,8 @@ class Oracle:
         busy = {j.sync.bitmap for j in view.jobs.values() if j.sync is not None}
         moving = any(m.in_flight and m.bitmaps for m in self.migrations
                      if m.source == vm.name) or any(
-            m.arrived and "dest" not in m.done for m in self.migrations if m.dest == vm.name)
+            m.arrived and "dest" not in m.done and m.status not in FAILED
+            for m in self.migrations if m.dest == vm.name)
         for node in sorted(view.model.nodes):
             names = [n for n in sorted(view.model.nodes[node].bitmaps)
                      if SUCCESSOR not in n and n not in busy]
@@ -325,6 +326,8 @@ class Oracle:
         for m in self.migrations:
             if m.source == vm.name and m.in_flight and not m.switched:
                 m.status = "failed"  # the source died before it switched over
+            elif m.source == vm.name and m.in_flight and m.status.startswith("postcopy"):
+                self._lost_in_postcopy(m)
         for gnode in view.graph.values():
             if gnode.image is None or gnode.inactive:
                 continue  # an inactive node's image is not QEMU's to write
@@ -790,8 +793,27 @@ class Oracle:
                                     f"{node!r} already had a bitmap {b.name!r}: QEMU refuses "
                                     "that, the oracle does not know what happened")
             mnode.bitmaps[b.name] = b
+            m.landed.append((node, b.name))
             self.had_bitmaps = True
         self._activate(view)
+
+    def _lost_in_postcopy(self, m: Migration) -> None:
+        """The source died in post-copy, before its end: the destination cancels the
+        incoming bitmaps and releases every one still unfinished, which is all of them
+        (QEMU sends their COMPLETE chunks last, in ``dirty_bitmap_save_complete``). With
+        ``dirty-bitmaps`` alone it runs on ("All states are migrated except dirty
+        bitmaps") and reports ``completed``; with ``postcopy-ram`` it exits."""
+        m.status = "failed"
+        m.done.add("source")
+        view = self.views.get(m.dest or "")
+        if view is None:
+            return
+        for node, name in m.landed:
+            mnode = view.model.nodes.get(node)
+            if mnode is not None:
+                mnode.bitmaps.pop(name, None)
+        self.log.log(f"oracle ({m.dest}): the source died in post-copy: the bitmaps on "
+                     f"the way are dropped ({', '.join(n for _, n in m.landed) or 'none'})")
 
     # -- NBD exports and the client nodes that write into them -----------------------------
 

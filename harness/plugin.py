@@ -281,7 +281,7 @@ def unmet_requirements(env: Environment, qmp: Sequence[str] = (),
         return f"QEMU {version} lacks QMP command(s) {', '.join(missing)}"
     for ref in args:
         command, _, member = ref.partition(".")
-        if member not in env.probe.command_args(command):
+        if not env.probe.has_argument(command, member):
             return f"QEMU {version}: {command} has no argument '{member}'"
     known = env.probe.blockdev_drivers()
     absent = [d for d in drivers if d not in known]

@@ -376,10 +376,17 @@ def test_requires_args_names_the_missing_argument() -> None:
     """``requires(args=["command.argument"])`` reads the arguments from the QMP schema."""
     schema: tuple[dict[str, Any], ...] = (
         {"name": "migrate-set-parameters", "meta-type": "command", "arg-type": "1"},
-        {"name": "1", "meta-type": "object", "members": [{"name": "downtime-limit"}]})
+        {"name": "1", "meta-type": "object", "members": [
+            {"name": "downtime-limit", "type": "int"},
+            {"name": "map", "type": "[2]"}]},
+        {"name": "[2]", "meta-type": "array", "element-type": "2"},
+        {"name": "2", "meta-type": "object", "members": [{"name": "alias", "type": "str"}]})
     probe = Probe("9.9.9", "", ("tcg",), KvmStatus(False, ""),
                   frozenset({"migrate-set-parameters"}), schema)
     env: Any = SimpleNamespace(probe=probe, missing_commands=lambda names: [])
-    assert unmet_requirements(env, args=["migrate-set-parameters.downtime-limit"]) is None
+    assert unmet_requirements(env, args=["migrate-set-parameters.downtime-limit",
+                                         "migrate-set-parameters.map.alias"]) is None
+    assert unmet_requirements(env, args=["migrate-set-parameters.map.transform"]) == (
+        "QEMU 9.9.9: migrate-set-parameters has no argument 'map.transform'")
     assert unmet_requirements(env, args=["migrate-set-parameters.block-bitmap-mapping"]) == (
         "QEMU 9.9.9: migrate-set-parameters has no argument 'block-bitmap-mapping'")
