@@ -58,6 +58,8 @@ from harness.vm import VM
 KiB = 1 << 10
 MiB = 1 << 20
 SECTOR = 512
+#: the guest's disk, where writes are issued (they land in the active layer)
+DEVICE = actions.GUEST_DEVICE
 #: more layers than this and a snapshot is not drawn (each costs a file and a node)
 MAX_CHAIN = 3
 #: more bitmaps than this on the disk and no add is drawn (each costs a check per step)
@@ -198,7 +200,7 @@ class Step:
 
 #: where each name a printed case uses is imported from
 IMPORTS = {
-    "writes": "harness.actions", "action": "harness.actions", "bitmap_add": "harness.actions",
+    "writes": "harness.actions", "guest_writes": "harness.actions", "action": "harness.actions", "bitmap_add": "harness.actions",
     "add_target": "harness.actions", "del_target": "harness.actions",
     "backup_job": "harness.actions", "blockdev": "harness.block",
     "qcow2_node": "harness.block",
@@ -276,7 +278,7 @@ class World:
         self.counter = 0
         self.running = False
         self.ns: dict[str, Any] = {"qio": self.case, **{n: getattr(actions, n) for n in (
-            "writes", "action", "bitmap_add", "add_target", "del_target", "backup_job")},
+            "guest_writes", "action", "bitmap_add", "add_target", "del_target", "backup_job")},
             "blockdev": block.blockdev, "qcow2_node": block.qcow2_node}
         self._pending: list[Stmt] = []
         self.last_check: Stmt | None = None
@@ -380,16 +382,18 @@ class World:
             out.append(Call.of("blockdev", Call.of("qcow2_node", self.path(node), node, **kw)))
         return out
 
-    def vm_args(self) -> Any:
+    def vm_args(self) -> Expr:
+        """The chain's ``-blockdev`` options and the guest's disk on the active layer (a
+        parent for the chain: without one an external snapshot's overlay would have no
+        user and QEMU would drop it at once)."""
         parts = self.blockdevs()
-        return parts[0] if len(parts) == 1 else Expr(
-            "[" + ", ".join("*" + source(p) for p in parts) + "]",
-            [a for p in parts for a in self._value(p)])
+        device = f"virtio-blk-pci,drive={self.top},id=disk0"
+        return Expr("[" + ", ".join("*" + source(p) for p in parts) + f', "-device", "{device}"]',
+                    [*(a for p in parts for a in self._value(p)), "-device", device])
 
     def launch(self) -> None:
         if self.vm is None:
-            self.do(Stmt(Call.of("qio.vm", args=self.vm_args(), machine_type="none"),
-                         "vm = {}"))
+            self.do(Stmt(Call.of("qio.vm", args=self.vm_args()), "vm = {}"))
         else:
             self.do(Stmt(self.vm_args(), "vm.args = {}"))
         self.do(Stmt(Call.of("vm.launch")))
@@ -511,11 +515,12 @@ class BitmapMachine(RuleBasedStateMachine):
         w = self.w
         off, n = region(w.size, from_end, distance, length)
         if kind == "write":
-            c = Call.of("writes", Expr("vm", w.vm), w.top, [(off, n)])
-            checked = Call.of("vm.qemu_io", w.top, f"write -P 0x5a {off:#x} {n:#x}",
-                              log=True, check=False)
+            c = Call.of("guest_writes", Expr("vm", w.vm), [(off, n)], 0x5A)
+            checked = Call.of("vm.qemu_io", DEVICE, f"write -P 0x5a {off:#x} {n:#x}",
+                              log=True, device=True, check=False)
         else:
-            c = Call.of("vm.qemu_io", w.top, f"{kind} {off:#x} {n:#x}", log=True)
+            c = Call.of("vm.qemu_io", DEVICE, f"{kind} {off:#x} {n:#x}", log=True,
+                        device=True)
             checked = c.with_kwargs(check=False)
         w._pending.append(Stmt(c))
         try:
@@ -524,7 +529,7 @@ class BitmapMachine(RuleBasedStateMachine):
             if type(e) is not MachineError:
                 raise  # QEMU died or did not answer: a failure, not a refusal
             w._pending[-1] = Stmt(checked)  # refused (a read-only node): nothing modelled
-        w.end_step(f"{kind} {off:#x}+{n:#x} on {w.top}")
+        w.end_step(f"{kind} {off:#x}+{n:#x} through the guest's disk (lands in {w.top})")
 
     # -- bitmaps ----------------------------------------------------------------------------
 

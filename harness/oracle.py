@@ -589,8 +589,10 @@ class Oracle:
             path = self._path(str(a["snapshot-file"]))
             size = view.model.nodes[base].size
             self.images[path] = StoredImage(path, size, node=overlay)
+            # QEMU opens the overlay with the flags of the node it covers (discard too)
             view.graph[overlay] = GraphNode(overlay, "qcow2", {"backing": base}, False,
-                                            self.images[path], implicit=True)
+                                            self.images[path], implicit=True,
+                                            unmap=view.graph[base].unmap)
             view.model.node(overlay, size).data = self.images[path].data
             view.rw_images[path] = self.images[path]
             self._snapshot(view, base, overlay, add_backing=False)
