@@ -200,10 +200,9 @@ class Step:
 
 #: where each name a printed case uses is imported from
 IMPORTS = {
-    "writes": "harness.actions", "guest_writes": "harness.actions", "action": "harness.actions", "bitmap_add": "harness.actions",
-    "add_target": "harness.actions", "del_target": "harness.actions",
-    "backup_job": "harness.actions", "blockdev": "harness.block",
-    "qcow2_node": "harness.block",
+    **dict.fromkeys(("writes", "guest_writes", "action", "bitmap_add", "add_target",
+                     "del_target", "backup_job"), "harness.actions"),
+    **dict.fromkeys(("blockdev", "qcow2_node"), "harness.block"),
 }
 
 
