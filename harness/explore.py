@@ -103,6 +103,14 @@ class Expr:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """A list built from lists and items: ``[*blockdev(...), "-device", "..."]``; each
+    item that is a Call is spread (``*``), any other is one element."""
+
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
 class Call:
     """One call a case makes, as data: ``func`` is a dotted name in the case's namespace
     (``vm.qmp_log``, ``writes``, ``qio.img.run``); arguments may be Calls, Exprs, lists,
@@ -142,6 +150,9 @@ def source(value: Any) -> str:
         return f"{value.func}({', '.join(parts)})"
     if isinstance(value, Expr):
         return value.text
+    if isinstance(value, Spread):
+        return "[" + ", ".join(("*" if isinstance(v, Call) else "") + source(v)
+                               for v in value.items) + "]"
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, int):
@@ -181,6 +192,9 @@ def _wrapped(value: Any, indent: int, width: int, head: str, tail: str) -> list[
         opener, closer = f"{value.func}(", ")"
     elif isinstance(value, list) and value:
         items, opener, closer = [("", v) for v in value], "[", "]"
+    elif isinstance(value, Spread):
+        items = [("*" if isinstance(v, Call) else "", v) for v in value.items]
+        opener, closer = "[", "]"
     else:
         return [one]
     out = [f"{pad}{head}{opener}"]
@@ -211,8 +225,8 @@ def _names(value: Any) -> Iterator[str]:
         yield value.func.split(".")[0]
         for v in (*value.args, *(v for _, v in value.kwargs)):
             yield from _names(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
+    elif isinstance(value, list | tuple | Spread):
+        for v in value.items if isinstance(value, Spread) else value:
             yield from _names(v)
     elif isinstance(value, dict):
         for v in value.values():
@@ -289,6 +303,14 @@ class World:
             return self.call(v)
         if isinstance(v, Expr):
             return v.value
+        if isinstance(v, Spread):
+            out: list[Any] = []
+            for x in v.items:
+                if isinstance(x, Call):
+                    out += self._value(x)
+                else:
+                    out.append(self._value(x))
+            return out
         if isinstance(v, list):
             return [self._value(x) for x in v]
         if isinstance(v, tuple):
@@ -381,14 +403,12 @@ class World:
             out.append(Call.of("blockdev", Call.of("qcow2_node", self.path(node), node, **kw)))
         return out
 
-    def vm_args(self) -> Expr:
+    def vm_args(self) -> Spread:
         """The chain's ``-blockdev`` options and the guest's disk on the active layer (a
         parent for the chain: without one an external snapshot's overlay would have no
         user and QEMU would drop it at once)."""
         parts = self.blockdevs()
-        device = f"virtio-blk-pci,drive={self.top},id=disk0"
-        return Expr("[" + ", ".join("*" + source(p) for p in parts) + f', "-device", "{device}"]',
-                    [*(a for p in parts for a in self._value(p)), "-device", device])
+        return Spread((*parts, "-device", f"virtio-blk-pci,drive={self.top},id=disk0"))
 
     def launch(self) -> None:
         if self.vm is None:

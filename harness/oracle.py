@@ -1029,10 +1029,13 @@ class Oracle:
 
     def _crashed(self, view: View, gnode: GraphNode) -> None:
         """QEMU died: the image keeps what was stored (stale bits of a bitmap in use are
-        harmless: QEMU must load it inconsistent); bitmaps only in RAM are gone."""
+        harmless: QEMU must load it inconsistent); bitmaps only in RAM are gone. A
+        read-only node's image keeps exactly what it had: what QEMU changed in RAM since
+        (``block-dirty-bitmap-enable``/``-disable`` are allowed on a read-only bitmap)
+        was never written."""
         assert gnode.image is not None
         mnode = view.model.nodes.get(gnode.name)
-        if mnode is None:
+        if mnode is None or gnode.read_only:
             return
         gnode.image.bitmaps = {n: mnode.bitmaps[n].copy() for n in gnode.on_disk
                                if n in mnode.bitmaps}

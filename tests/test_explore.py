@@ -14,6 +14,7 @@ import pytest
 from harness.explore import (
     Call,
     Expr,
+    Spread,
     Step,
     Stmt,
     database_dir,
@@ -79,9 +80,9 @@ def test_a_long_statement_is_wrapped_one_argument_per_line() -> None:
 STEPS = [
     Step("a disk of 0x3ffe00 bytes", (
         Stmt(Call.of("qio.img.create", "d0.qcow2", 0x3FFE00, "qcow2")),
-        Stmt(Call.of("qio.vm", args=Call.of("blockdev", Call.of(
+        Stmt(Call.of("qio.vm", args=Spread((Call.of("blockdev", Call.of(
             "qcow2_node", Expr('qio.path("d0.qcow2")', None), "d0", discard="unmap")),
-            machine_type="none"), "vm = {}"),
+            "-device", "virtio-blk-pci,drive=d0,id=disk0"))), "vm = {}"),
         Stmt(Call.of("vm.launch")))),
     Step("add b1 on d0", (Stmt(Call.of("vm.qmp_log", "transaction", actions=[
         Call.of("bitmap_add", "d0", "b1", 512, persistent=True)])),)),
@@ -99,6 +100,8 @@ def test_the_printed_case_is_a_ready_to_paste_case_file(tmp_path: Path) -> None:
     assert "from harness.actions import bitmap_add, writes\n" in text
     assert "from harness.block import blockdev, qcow2_node\n" in text
     assert "def test_found_by_explore(qio: Case) -> None:\n" in text
+    assert '            *blockdev(qcow2_node(qio.path("d0.qcow2"), "d0", discard="unmap")),\n' \
+        in text
     assert '    vm.qmp_log("block_resize", node_name="d0", size=0x200000)\n' in text
     assert "QEMU 7.2.22" in text and "count 1024 but the NBD view" in " ".join(text.split())
     assert "@pytest.mark.xfail(raises=OracleFailure, strict=False" in text

@@ -219,3 +219,18 @@ def test_writes_through_a_device_land_in_the_active_layer(case: Case) -> None:
     (vt,) = case.check_live(vm, "top")
     assert list(vb.required) == [(0, 0x10000)] and list(vt.required) == [(0x100000, 0x10000)]
     vm.shutdown()
+
+
+def test_a_change_in_ram_on_a_read_only_node_is_not_on_disk_after_a_crash(
+        case: Case) -> None:
+    """QEMU lets a read-only bitmap be disabled or enabled, in RAM only: the image keeps
+    the state stored when the node went read-only, which is what loads after a crash."""
+    vm = start(case)
+    vm.blockdev_reopen(qcow2_node(case.path("disk.qcow2"), "drive0", read_only=True))
+    vm.qmp("block-dirty-bitmap-disable", node="drive0", name="b")
+    vm.kill()
+    vm.launch()
+    [v] = case.check_live(vm, "drive0")
+    assert v.ok and not v.inconsistent
+    assert case.oracle.model(vm).bitmap("drive0", "b").recording
+    vm.shutdown()
