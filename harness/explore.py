@@ -102,6 +102,10 @@ class Expr:
     value: Any
 
 
+#: what guest writes write (the bitmaps care where, not what)
+PATTERN = Expr("0x5A", 0x5A)
+
+
 @dataclass(frozen=True)
 class Spread:
     """A list built from lists and items: ``[*blockdev(...), "-device", "..."]``; each
@@ -287,6 +291,8 @@ class World:
         self.vm: VM | None = None
         self.steps: list[Step] = []
         self.chain: list[str] = []  # node names, bottom first; file = NAME.qcow2
+        #: nodes the monitor owns (``-blockdev``, ``blockdev-add``): they outlive their users
+        self.explicit: set[str] = set()
         self.size = 0
         self.counter = 0
         self.running = False
@@ -417,6 +423,7 @@ class World:
             self.do(Stmt(self.vm_args(), "vm.args = {}"))
         self.do(Stmt(Call.of("vm.launch")))
         self.running = True
+        self.explicit = set(self.chain)
 
     def has(self, command: str) -> bool:
         return self.case.probe.has_command(command)
@@ -534,7 +541,7 @@ class BitmapMachine(RuleBasedStateMachine):
         w = self.w
         off, n = region(w.size, from_end, distance, length)
         if kind == "write":
-            c = Call.of("guest_writes", Expr("vm", w.vm), [(off, n)], 0x5A)
+            c = Call.of("guest_writes", Expr("vm", w.vm), [(off, n)], PATTERN)
             checked = Call.of("vm.qemu_io", DEVICE, f"write -P 0x5a {off:#x} {n:#x}",
                               log=True, device=True, check=False)
         else:
@@ -684,6 +691,35 @@ class BitmapMachine(RuleBasedStateMachine):
             w.job(job)
         w.do(Stmt(Call.of("del_target", Expr("vm", w.vm), w.file(target))))
         w.end_step(f"backup sync={sync}")
+
+    @precondition(lambda self: self.w.running and len(self.w.chain) == 1
+                  and self.w.top in self.w.explicit)
+    @rule(mode=st.sampled_from(["background", "write-blocking"]), during=st.booleans(),
+          from_end=st.booleans(), distance=scaled(st.integers(0, 128)),
+          length=scaled(st.integers(1, 32)))
+    def mirror(self, mode: str, during: bool, from_end: bool, distance: int,
+               length: int) -> None:
+        """``blockdev-mirror`` of the disk to a new image, with guest writes while the
+        job mirrors (``copy-mode`` decides how they reach the target); completed, the
+        guest's disk is on the copy and the source stays a node of its own (with its
+        bitmaps: they do not move)."""
+        w = self.w
+        target, job = w.fresh("m"), w.fresh("job")
+        w.do(Stmt(Call.of("add_target", Expr("qio", w.case), Expr("vm", w.vm),
+                          w.file(target), w.size)))
+        w.explicit.add(target)
+        if not w.qmp("blockdev-mirror", job_id=job, device=w.top, target=target, sync="full",
+                     copy_mode=mode):
+            w.do(Stmt(Call.of("del_target", Expr("vm", w.vm), w.file(target))))
+        else:
+            kw: dict[str, Any] = {"complete": True}
+            if during:
+                off, n = region(w.size, from_end, distance, length)
+                write = Call.of("guest_writes", Expr("vm", w.vm), [(off, n)], PATTERN)
+                kw["on_ready"] = Expr(f"lambda: {source(write)}", lambda: w.call(write))
+            if w.job(job, **kw) is None:
+                w.chain = [target]
+        w.end_step(f"mirror ({mode}) to {target}")
 
     # -- life and death ---------------------------------------------------------------------
 
