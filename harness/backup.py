@@ -311,12 +311,16 @@ def nbd_export_del(vm: VM, export: NbdExport) -> None:
         vm.qmp_log("nbd-server-remove", name=export.name)
 
 
-def dirty_extents(img: QemuImg, export: NbdExport, bitmap: str) -> Extents:
+def dirty_extents(img: QemuImg, export: NbdExport, bitmap: str,
+                  window: tuple[int, int] | None = None) -> Extents:
     """The dirty extents of an exported bitmap, read the way a backup client reads them:
     ``qemu-img map`` over NBD with ``x-dirty-bitmap``, where ``"data": false`` means
-    dirty (the client reports the bitmap's bits in place of allocation)."""
+    dirty (the client reports the bitmap's bits in place of allocation). ``window``
+    (offset, length): only that part (``--start-offset``, ``--max-length``)."""
     out = Extents()
-    for e in img.json("map", "--image-opts", export.image_opts(bitmap)):
+    part = [] if window is None else [f"--start-offset={window[0]}",
+                                      f"--max-length={window[1]}"]
+    for e in img.json("map", *part, "--image-opts", export.image_opts(bitmap)):
         if not e["data"]:
             out.add(int(e["start"]), int(e["length"]))
     return out

@@ -50,7 +50,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from harness import actions, block
+from harness import actions, backup, block
 from harness.errors import HarnessError, MachineError
 from harness.session import Case, Environment
 from harness.vm import VM
@@ -221,6 +221,8 @@ IMPORTS = {
     **dict.fromkeys(("writes", "guest_writes", "action", "bitmap_add", "add_target",
                      "del_target", "backup_job"), "harness.actions"),
     **dict.fromkeys(("blockdev", "qcow2_node"), "harness.block"),
+    **dict.fromkeys(("nbd_server_start", "nbd_export_add", "nbd_export_del", "dirty_extents"),
+                    "harness.backup"),
 }
 
 
@@ -298,7 +300,9 @@ class World:
         self.running = False
         self.ns: dict[str, Any] = {"qio": self.case, **{n: getattr(actions, n) for n in (
             "guest_writes", "action", "bitmap_add", "add_target", "del_target", "backup_job")},
-            "blockdev": block.blockdev, "qcow2_node": block.qcow2_node}
+            "blockdev": block.blockdev, "qcow2_node": block.qcow2_node,
+            **{n: getattr(backup, n) for n in (
+                "nbd_server_start", "nbd_export_add", "nbd_export_del", "dirty_extents")}}
         self._pending: list[Stmt] = []
         self.last_check: Stmt | None = None
 
@@ -341,9 +345,11 @@ class World:
             self.vm.args = self._value(stmt.call)
             return None
         result = self.call(stmt.call)
-        if stmt.form.startswith("vm = "):
-            self.vm = result
-            self.ns["vm"] = result
+        assigned = re.fullmatch(r"(\w+) = \{\}", stmt.form)
+        if assigned:
+            self.ns[assigned.group(1)] = result
+            if assigned.group(1) == "vm":
+                self.vm = result
         return result
 
     def qmp(self, cmd: str, *args: Any, **kw: Any) -> bool:
@@ -720,6 +726,52 @@ class BitmapMachine(RuleBasedStateMachine):
             if w.job(job, **kw) is None:
                 w.chain = [target]
         w.end_step(f"mirror ({mode}) to {target}")
+
+    @precondition(lambda self: self.w.running and self.w.has("block-export-add")
+                  and any(n == self.w.top for n, _, _ in self.w.live_bitmaps()))
+    @rule(pick=st.integers(0, 9), during=st.booleans(), window=st.booleans(),
+          from_end=st.booleans(), distance=scaled(st.integers(0, 128)),
+          length=scaled(st.integers(1, 64)))
+    def pull(self, pick: int, during: bool, window: bool, from_end: bool, distance: int,
+             length: int) -> None:
+        """A pull backup: in one transaction a disabled copy of a bitmap of the disk and
+        a fleecing overlay (``sync=none``), both exported over NBD; the guest may write
+        meanwhile; the client reads the copy's dirty extents (the whole disk, or any
+        offset and length), which must be exactly the model's."""
+        w = self.w
+        mine = [(b, g) for n, b, g in w.live_bitmaps() if n == w.top]
+        src, gran = mine[pick % len(mine)]
+        fleece, copy, job = w.fresh("f"), w.fresh("x"), w.fresh("job")
+        vm = Expr("vm", w.vm)
+        w.do(Stmt(Call.of("qio.img.create", w.file(fleece), w.size, "qcow2")))
+        w.do(Stmt(Call.of("vm.qmp_log", "blockdev-add", Call.of(
+            "qcow2_node", w.path(fleece), fleece, backing=w.top))))
+        if w.qmp("transaction", actions=[
+                Call.of("bitmap_add", w.top, copy, gran, disabled=True),
+                Call.of("action", "block-dirty-bitmap-merge", node=w.top, target=copy,
+                        bitmaps=[src]),
+                Call.of("action", "blockdev-backup", job_id=job, device=w.top, target=fleece,
+                        sync="none")]):
+            assert w.vm is not None
+            sock = Expr('vm.socket_path.parent / "pull.nbd"',
+                        w.vm.socket_path.parent / "pull.nbd")
+            w.do(Stmt(Call.of("nbd_server_start", vm, sock)))
+            w.do(Stmt(Call.of("nbd_export_add", vm, fleece, "pull", sock, copy), "export = {}"))
+            export = Expr("export", w.ns["export"])
+            off, n = region(w.size, from_end, distance, length)
+            if during:
+                w.do(Stmt(Call.of("guest_writes", vm, [(off, n)], PATTERN)))
+            where = {"window": (off, n)} if window else {}
+            w.do(Stmt(Call.of("qio.oracle.check_ranges", vm, w.top, copy, Call.of(
+                "dirty_extents", Expr("qio.img", w.case.img), export, copy, **where),
+                f"pulled {copy}", **where)))
+            w.do(Stmt(Call.of("nbd_export_del", vm, export)))
+            w.qmp("nbd-server-stop")
+            w.qmp("job-cancel", id=job)
+            w.job(job)
+            w.qmp("block-dirty-bitmap-remove", node=w.top, name=copy)
+        w.qmp("blockdev-del", node_name=fleece)
+        w.end_step(f"pull backup of {w.top}/{src}")
 
     # -- life and death ---------------------------------------------------------------------
 

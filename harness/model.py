@@ -88,6 +88,11 @@ class Extents:
                 out.add(pos, e - pos)
         return out
 
+    def window(self, start: int, end: int) -> Extents:
+        """The part of these ranges inside ``[start, end)``."""
+        return Extents((max(s, start), min(e, end) - max(s, start))
+                       for s, e in self._spans if s < end and e > start)
+
     def truncate(self, end: int) -> None:
         """Drop everything at or past ``end``, in place (the object may be shared)."""
         self._spans = [(s, min(e, end)) for s, e in self._spans if s < end]

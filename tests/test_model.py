@@ -129,3 +129,9 @@ def test_resize_cuts_data_in_place() -> None:
     m.node("d0", 0x10000).data = shared
     m.resize("d0", 0x4000)
     assert list(shared) == [(0, 0x1000), (0x3000, 0x1000)]
+
+
+def test_window_keeps_the_part_inside() -> None:
+    e = Extents([(0, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000)])
+    assert list(e.window(0x800, 0x4000)) == [(0x800, 0x800), (0x3000, 0x1000)]
+    assert list(e.window(0x6000, 0x7000)) == []
