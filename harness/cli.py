@@ -10,6 +10,10 @@ that broke the cases (``harness/bisect.py``); its exit status says how it ended:
 not behave (GOOD fails, BAD passes, an end does not build), 4 the harness itself broke,
 130 interrupted.
 
+``qiotests guest build`` builds the test guest (a distro kernel and a busybox initramfs,
+:mod:`harness.guest_image`) into its cache, or finds it there, and prints where it is; the
+first guest case does the same by itself. Exit 0: ready; 1: a step failed (one sentence).
+
 ``qiotests build-qemu SRC [--build DIR] [--jobs N]`` builds the programs the harness runs
 from a QEMU source tree (:mod:`harness.build`). Exit 0: built, and ``--qemu-build DIR``
 works; 1: configure or the build failed, after printing the first compiler error as one
@@ -126,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the example database (default: ~/.cache/qiotests/explore/VERSION)")
     e.add_argument("--scratch", type=Path, metavar="DIR",
                    help="where examples run (default: a new dir in /tmp, kept on failure)")
+    g = sub.add_parser("guest", help="the Linux guest of the guest cases")
+    gsub = g.add_subparsers(dest="guest_command", required=True)
+    gb = gsub.add_parser("build", help="download a kernel and busybox with apt-get download, "
+                         "build the initramfs, cache both (or find them cached)")
+    gb.add_argument("--cache", type=Path, metavar="DIR",
+                    help="cache root (default: ~/.cache/qiotests/guest)")
     return p
 
 
@@ -176,6 +186,22 @@ def explore(args: argparse.Namespace) -> int:
         return 1
     if args.scratch is None:
         shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+
+def guest(args: argparse.Namespace) -> int:
+    from harness.guest_image import GuestBuildError, ensure
+
+    def say(line: str) -> None:
+        print(f"guest: {line}", flush=True)
+
+    try:
+        files = ensure(say, args.cache.resolve() if args.cache else None)
+    except GuestBuildError as e:
+        print(f"qiotests guest build: {e}", file=sys.stderr)
+        return 1
+    print(f"kernel: {files.kernel}\ninitrd: {files.initrd}\nfrom:   {files.origin}")
     return 0
 
 
@@ -426,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return coverage(args, rest)
         if args.command == "explore":
             return explore(args)
+        if args.command == "guest":
+            return guest(args)
     except BrokenPipeError:  # `qiotests doctor | head`
         sys.stderr.close()
         return 0
