@@ -103,14 +103,16 @@ def image_bitmaps(img: QemuImg, path: str | Path, force_share: bool = False) -> 
 
 
 class HashLabels:
-    """Stable labels for bitmap hashes: the first hash seen is H1, the next new one H2."""
+    """Stable labels for hashes: the first hash seen is H1, the next new one H2 (another
+    ``prefix`` for another kind of hash: a guest's data checksums are D1, D2...)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "H") -> None:
         self._labels: dict[str, str] = {}
+        self.prefix = prefix
 
     def __call__(self, digest: str) -> str:
         if digest not in self._labels:
-            self._labels[digest] = f"H{len(self._labels) + 1}"
+            self._labels[digest] = f"{self.prefix}{len(self._labels) + 1}"
         return self._labels[digest]
 
 

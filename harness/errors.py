@@ -21,6 +21,8 @@ the pytest plugin can tell "the harness says something is wrong" from a Python b
           |                     (not qemu.qmp's QMPError, the library's own root)
           +-- MachineTimeout    an event, a job or a shutdown did not come in time
           +-- MachineStateError a call that needs a running VM on a stopped one
+          +-- GuestError        the Linux guest in it did not boot, or a command in it
+                                failed (carries the console's tail)
 
 Subclasses keep the context a bug report needs (argv, exit status, what was sent and
 received), so the message alone explains the failure.
@@ -172,6 +174,11 @@ class MachineTimeout(MachineError):
 
 class MachineStateError(MachineError):
     """A call that needs a running VM was made on one that is not running."""
+
+
+class GuestError(MachineError):
+    """The guest never reached its ready marker, panicked, or a command in it failed;
+    the message ends with the console's last lines."""
 
 
 class CommandError(MachineError):

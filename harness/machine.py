@@ -70,6 +70,21 @@ class Observer(Protocol):
     def event(self, vm: Machine, event: dict[str, Any]) -> None: ...
     def before_shutdown(self, vm: Machine) -> None: ...
     def exited(self, vm: Machine, clean: bool) -> None: ...
+    def device_write_started(self, vm: Machine, device: str, offset: int,
+                             length: int) -> object: ...
+    def device_write_done(self, vm: Machine, token: object, ok: bool) -> None: ...
+
+
+class Attachment(Protocol):
+    """Something that lives with the QEMU process: adds options, is set up before QEMU
+    starts and after it is up, and ends with it (a guest and its console,
+    :class:`harness.guest.Guest`)."""
+
+    def argv(self, vm: Machine) -> list[str]: ...
+    def before_spawn(self, vm: Machine) -> None: ...
+    def after_launch(self, vm: Machine) -> None: ...
+    def before_quit(self, vm: Machine) -> None: ...
+    def after_exit(self, vm: Machine) -> None: ...
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -119,6 +134,7 @@ class Machine:
         qmp_timeout: float = 60.0,
         env: dict[str, str] | None = None,
         observer: Observer | None = None,
+        attachments: Sequence[Attachment] = (),
     ) -> None:
         self.name = name
         self.qemu = qemu
@@ -129,6 +145,7 @@ class Machine:
         self.qmp_timeout = qmp_timeout
         self.env = env
         self.observer = observer
+        self.attachments = list(attachments)
         self._own_sockdir = sockdir is None
         self._sockdir = sockdir
         self.state = "new"
@@ -163,6 +180,7 @@ class Machine:
             "-chardev", f"socket,id=qmp,path={self.socket_path}",
             "-mon", "chardev=qmp,mode=control",
             *self.args,
+            *(arg for a in self.attachments for arg in a.argv(self)),
         ]
 
     @property
@@ -213,6 +231,8 @@ class Machine:
         self._debug(f"launch #{self.launches + 1}: {' '.join(self.argv)}")
         try:
             self._run(self._client.start_server(str(self.socket_path)), LAUNCH_TIMEOUT)
+            for a in self.attachments:
+                a.before_spawn(self)
             env = dict(os.environ if self.env is None else self.env)
             env.update(LANG="C", LC_ALL="C", TZ="UTC")
             with open(self.log_path, "ab") as logf:
@@ -226,6 +246,8 @@ class Machine:
             status = self._reap(kill=True)
             self._close_channels()
             self.state = "stopped"
+            for a in self.attachments:
+                a.after_exit(self)
             if isinstance(e, LaunchError):
                 raise
             if isinstance(e, asyncio.TimeoutError | TimeoutError):
@@ -241,6 +263,8 @@ class Machine:
         self.state = "running"
         if self.observer is not None:
             self.observer.launched(self)
+        for a in self.attachments:
+            a.after_launch(self)  # (a guest boots: a failure leaves QEMU to the case's end)
 
     async def _accept_or_exit(self) -> None:
         assert self._client is not None and self._proc is not None
@@ -273,8 +297,11 @@ class Machine:
             with contextlib.suppress(Exception):
                 self._drain_events()
                 self._notify()
-        if not unexpected and check and self.observer is not None:
-            self.observer.before_shutdown(self)
+        if not unexpected and check:
+            for a in self.attachments:
+                a.before_quit(self)  # a guest powers off cleanly
+            if self.observer is not None:
+                self.observer.before_shutdown(self)
         deadline = time.monotonic() + timeout
         if not unexpected:
             with contextlib.suppress(Exception):
@@ -362,6 +389,8 @@ class Machine:
         self._debug(f"exited: status {status}")
         self._close_channels()
         self.state = "stopped"
+        for a in self.attachments:
+            a.after_exit(self)
         if self.observer is not None:
             self.observer.exited(self, clean)
 

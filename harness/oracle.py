@@ -27,6 +27,8 @@ Modelled (see :data:`READ_ONLY` for what is let through as not changing anything
   * HMP ``qemu-io`` writes, zero writes and discards, on a node or a device (a discard
     dirties bitmaps only on a node opened with ``discard=unmap``: elsewhere QEMU
     ignores it);
+  * a real guest's writes through its device (``harness/guest.py``), the same way, also
+    when one is still in flight while a job ends (:meth:`Oracle.device_write_done`);
   * ``qemu-img create``/``bitmap`` and ``qemu-io`` writes on closed images.
 
 Anything else that could move data or change a bitmap raises :class:`UnmodelledCommand`
@@ -157,6 +159,20 @@ class Job:
 
 
 @dataclass
+class InFlight:
+    """A write issued through a device (by a guest) that has not completed yet: where it
+    would land when it started, and what changed in the VM while it was in flight
+    (``(what, harmless)``: harmless when the write's place in the model is the same
+    whether it landed before or after)."""
+
+    device: str
+    offset: int
+    length: int
+    landing: str
+    changes: list[tuple[str, bool]] = field(default_factory=list)
+
+
+@dataclass
 class View:
     """The oracle's picture of one running VM."""
 
@@ -168,7 +184,7 @@ class View:
     nbd_socket: str | None = None
     #: NBD exports of the case's server: id -> (export name, node, writable)
     exports: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
-    pending_io: int = 0
+    inflight: list[InFlight] = field(default_factory=list)
     caps: dict[str, bool] = field(default_factory=dict)  # migration capabilities
     mapping: list[dict[str, Any]] | None = None  # the block-bitmap-mapping parameter
     incoming: str | None = None  # waits for an incoming migration ("defer" or the URI)
@@ -270,6 +286,13 @@ class Oracle:
         if "error" in reply:
             return  # refused: QEMU changed nothing, neither does the model
         view = self._view(vm)
+        if view.inflight and cmd not in READ_ONLY and not cmd.startswith(("query-",
+                                                                          "x-query-")):
+            actions = ([(str(a["type"]), dict(a.get("data", {}))) for a in
+                        args.get("actions", [])] if cmd == "transaction" else [(cmd, args)])
+            for w in view.inflight:
+                w.changes += [(f"{c} {json.dumps(a, sort_keys=True)}", c == "block-commit")
+                              for c, a in actions]
         if cmd == "query-migrate":
             self._migration_status(vm, str(reply["return"].get("status", "")))
         elif cmd == "human-monitor-command":
@@ -294,6 +317,11 @@ class Oracle:
             return
         job = view.jobs.pop(str(data["device"]))
         succeeded = name == "BLOCK_JOB_COMPLETED" and "error" not in data
+        for w in view.inflight:
+            # a job that ends does not move a write of the device's: a commit or mirror
+            # copies what landed above before it pivots, a backup's sync bitmap gets it
+            # from its successor or directly
+            w.changes.append((f"{job.kind} job {data['device']} ended", True))
         self._job_ended(vm, view, job, succeeded)
 
     def before_shutdown(self, vm: Machine) -> None:
@@ -342,6 +370,47 @@ class Oracle:
             for path, image in sorted(view.rw_images.items()):
                 if image.bitmaps:
                     self.check_disk(path, where=f"{path.name} after shutdown of {vm.name}")
+
+    def device_write_started(self, vm: Machine, device: str, offset: int,
+                             length: int) -> object:
+        """A guest write through ``device`` is issued (it completes later)."""
+        view = self._view(vm)
+        node = self._landing(view, device)
+        gnode = view.graph.get(node)
+        if gnode is not None and gnode.inactive:
+            raise UnmodelledCommand(f"a guest write to {device!r} of vm {vm.name!r} lands in "
+                                    f"{node!r}, which is inactive (migrated away, or waiting "
+                                    "for a migration): QEMU must not write there")
+        w = InFlight(device, offset, length, node)
+        view.inflight.append(w)
+        return w
+
+    def device_write_done(self, vm: Machine, token: object, ok: bool) -> None:
+        """The guest write has completed (``ok``) or failed (nothing is modelled, as for
+        a refused qemu-io write). If what changed while it was in flight leaves its place
+        in doubt, the oracle says so rather than guess."""
+        view = self.views.get(vm.name)
+        if view is None or not isinstance(token, InFlight) or token not in view.inflight:
+            return
+        view.inflight.remove(token)
+        if not ok:
+            return
+        doubt = [what for what, harmless in token.changes if not harmless]
+        if doubt:
+            raise UnmodelledCommand(
+                f"a guest write {token.offset:#x}+{token.length:#x} through {token.device!r} "
+                f"was in flight while {'; '.join(doubt)}: the oracle cannot tell where it "
+                "landed; wait for the write first, or model this race in harness/oracle.py")
+        self._device_write(view, token.device, "data", token.offset, token.length)
+
+    def _device_write(self, view: View, target: str, kind: str, offset: int,
+                      length: int) -> None:
+        """A write issued to ``target`` (a device or a node) lands in its active layer."""
+        node = self._landing(view, target)
+        if kind == "data":
+            self._write(view, node, offset, length)
+        elif view.graph[node].unmap:
+            mark_dirty(view.model, node, offset, length)
 
     # -- observer of qemu-img / qemu-io ----------------------------------------------------
 
@@ -1179,11 +1248,7 @@ class Oracle:
         if qemu_io_failures(reply, out):
             return  # refused (read-only node, permission conflict): nothing written
         for kind, off, length in _parse_io(command):
-            node = self._landing(view, target)
-            if kind == "data":
-                self._write(view, node, off, length)
-            elif view.graph[node].unmap:
-                mark_dirty(view.model, node, off, length)
+            self._device_write(view, target, kind, off, length)
 
     def _after_io_tool(self, args: list[str], output: str) -> None:
         if "-r" in args or not args:

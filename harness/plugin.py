@@ -25,8 +25,12 @@ other ``harness`` modules; the hooks here only connect it to pytest's phases:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Generator, Iterator, Sequence
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -75,8 +79,25 @@ def _runs_cases(config: pytest.Config) -> bool:
 
 def _discover(config: pytest.Config) -> Environment:
     explicit = {r.key: config.getoption(f"qio_{r.key}") for r in ROLES}
-    return Environment.discover(explicit, config.getoption("qio_build"),
-                                config.getoption("qio_accel"), os.environ)
+    env = Environment.discover(explicit, config.getoption("qio_build"),
+                               config.getoption("qio_accel"), os.environ,
+                               config.getoption("qio_guest_kernel"),
+                               config.getoption("qio_guest_initrd"))
+    # what the session's processes (xdist workers) decide once for all: the guest's accel
+    shared = tempfile.mkdtemp(prefix="qio-session-")
+    config.add_cleanup(lambda: shutil.rmtree(shared, ignore_errors=True))
+    return env.sharing(shared)
+
+
+def _say(config: pytest.Config) -> Callable[[str], None]:
+    """Progress a case shows on the terminal while it runs (building the guest), also
+    from an xdist worker: pytest's capture is suspended for the line."""
+    def say(text: str) -> None:
+        capture = config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            sys.stderr.write(f"\nqiotests: {text}\n")
+            sys.stderr.flush()
+    return say
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -319,7 +340,7 @@ def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) ->
     The scratch dir is pytest's tmp_path: with ``tmp_path_retention_policy = "failed"``
     pytest keeps a failing test's for the report's paths to point into.
     """
-    case = Case(qio_env, tmp_path)
+    case = Case(qio_env, tmp_path, say=_say(request.config))
     request.node.stash[CASE_KEY] = case
     yield case
     rep = request.node.stash.get(CALL_REPORT_KEY, None)
@@ -408,6 +429,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--accel", dest="qio_accel", default="auto",
                     choices=("auto", "kvm", "tcg", "qtest"),
                     help="accelerator for qemu-system (auto: KVM when usable, else TCG)")
+    group.addoption("--guest-kernel", dest="qio_guest_kernel", metavar="FILE",
+                    help="the kernel guest cases boot (with --guest-initrd; default: built "
+                    "from apt packages on first use, see 'qiotests guest build')")
+    group.addoption("--guest-initrd", dest="qio_guest_initrd", metavar="FILE",
+                    help="the initrd guest cases boot: its /init loads what a virtio-blk "
+                    "disk needs, prints QIO-GUEST-READY on ttyS0 and runs a shell there")
     group.addoption("--max-file-size", dest="qio_max_file_size", metavar="SIZE",
                     default="4G", help="largest file any program the harness starts may "
                     "write (RLIMIT_FSIZE; 4G, 512M, unlimited; default 4G): a QEMU that "

@@ -12,15 +12,17 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
 from harness.bitmaps import HashLabels, ImageBitmap, LiveBitmap, image_bitmaps, live_bitmaps, sha256
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 from harness.filters import path_filter
+from harness.guest import Guest, choose_accel
+from harness.guest_image import GuestFiles, cache_root, ensure
 from harness.machine import Machine, short_socket_dir
 from harness.model import Verdict
 from harness.oracle import Oracle
@@ -38,29 +40,44 @@ class Environment:
     probe: Probe
     accel: str
     accel_note: str
+    requested_accel: str = "auto"
+    #: the user's own guest (--guest-kernel/--guest-initrd); None: built from apt packages
+    guest: GuestFiles | None = None
+    #: a directory every process of the session shares (the guest's accelerator probe)
+    shared_dir: str = ""
 
     @classmethod
     def discover(cls, explicit: Mapping[str, str | None], build_dir: str | None,
-                 accel: str, env: Mapping[str, str]) -> Environment:
+                 accel: str, env: Mapping[str, str], guest_kernel: str | None = None,
+                 guest_initrd: str | None = None) -> Environment:
         """Find and probe QEMU; raises ConfigError with one sentence when it cannot work."""
+        guest = own_guest(guest_kernel, guest_initrd)
         binaries = find_binaries(explicit, build_dir, env)
         missing = binaries.missing_required()
         if missing:
             binaries.path(next(r.key for r in ROLES if r.name == missing[0]))
         p = probe(binaries)
         chosen, note = resolve_accel(accel, p)
-        return cls(binaries, p, chosen, note)
+        return cls(binaries, p, chosen, note, accel, guest)
+
+    def sharing(self, directory: str) -> Environment:
+        return replace(self, shared_dir=directory)
 
     def to_json(self) -> str:
         progs = {k: [v.path, v.source] for k, v in self.binaries.programs.items()}
         return json.dumps({"programs": progs, "probe": self.probe.to_json(),
-                           "accel": self.accel, "accel_note": self.accel_note})
+                           "accel": self.accel, "accel_note": self.accel_note,
+                           "requested_accel": self.requested_accel,
+                           "guest": self.guest.to_json() if self.guest else None,
+                           "shared_dir": self.shared_dir})
 
     @classmethod
     def from_json(cls, text: str) -> Environment:
         d = json.loads(text)
         progs = {k: Program(k, v[0], v[1]) for k, v in d["programs"].items()}
-        return cls(Binaries(progs), Probe.from_json(d["probe"]), d["accel"], d["accel_note"])
+        return cls(Binaries(progs), Probe.from_json(d["probe"]), d["accel"], d["accel_note"],
+                   d["requested_accel"],
+                   GuestFiles.from_json(d["guest"]) if d["guest"] else None, d["shared_dir"])
 
     def header_lines(self) -> list[str]:
         """What the pytest header shows: version, accelerator (said once), binaries."""
@@ -69,18 +86,43 @@ class Environment:
         for role in ROLES:
             prog = self.binaries.programs[role.key]
             lines.append(f"  {role.name}: {prog.path or '-'} [{prog.source}]")
+        if self.guest is not None:
+            lines.append(f"guest: {self.guest.origin}")
+        else:
+            lines.append(f"guest: from apt packages, built on first use into {cache_root()}")
         return lines
 
     def missing_commands(self, commands: Sequence[str]) -> list[str]:
         return [c for c in commands if not self.probe.has_command(c)]
 
 
+def own_guest(kernel: str | None, initrd: str | None) -> GuestFiles | None:
+    """``--guest-kernel``/``--guest-initrd``: both or neither, and files that exist."""
+    if kernel is None and initrd is None:
+        return None
+    if not kernel or not initrd:
+        given, other = ("--guest-kernel", "--guest-initrd") if kernel else (
+            "--guest-initrd", "--guest-kernel")
+        raise ConfigError(f"{given} needs {other} too (a guest is a kernel and its initrd)")
+    for option, value in (("--guest-kernel", kernel), ("--guest-initrd", initrd)):
+        if not Path(value).expanduser().is_file():
+            raise ConfigError(f"{option} {value}: no such file")
+    return GuestFiles(Path(kernel).expanduser().resolve(), Path(initrd).expanduser().resolve(),
+                      f"{kernel} + {initrd} (--guest-kernel/--guest-initrd)")
+
+
+def _quiet(_text: str) -> None:
+    pass
+
+
 class Case:
     """Everything one test uses: scratch dir, socket dir, transcript, tools, VMs, and the
     oracle, which sees every VM's QMP traffic and every tool run (harness/oracle.py)."""
 
-    def __init__(self, env: Environment, scratch: Path) -> None:
+    def __init__(self, env: Environment, scratch: Path,
+                 say: Callable[[str], None] = _quiet) -> None:
         self.env = env
+        self.say = say
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.sockdir = short_socket_dir()
@@ -92,6 +134,7 @@ class Case:
         self.nbd_servers: list[QemuNBD] = []
         self._pids_before = {pid for pid, _ in REGISTRY.alive()}
         self.hashes = HashLabels()
+        self.data_hashes = HashLabels("D")  # every guest of the case labels data alike
         self.oracle = Oracle(self.scratch, self.img, self.log,
                              sha256=env.probe.has_command("x-debug-block-dirty-bitmap-sha256"))
         self.img.observer = self.oracle
@@ -106,15 +149,33 @@ class Case:
         return self.scratch / name
 
     def vm(self, name: str = "vm0", args: Sequence[str] = (), machine_type: str = "pc",
-           log_prefix: str = "", **kw: Any) -> VM:
+           log_prefix: str = "", guest: bool = False, **kw: Any) -> VM:
         """A VM (not launched yet) that is shut down when the test ends. It writes to this
-        case's transcript, which the case owns, and the oracle observes it."""
+        case's transcript, which the case owns, and the oracle observes it. With ``guest``
+        it boots a Linux guest at each launch (``vm.guest``, :mod:`harness.guest`)."""
+        accel = self.env.accel
+        if guest:
+            files = self.guest_files()
+            accel = choose_accel(self.env.accel, self.env.requested_accel,
+                                 self.env.binaries.path("system"), files,
+                                 Path(self.env.shared_dir) if self.env.shared_dir else None,
+                                 self.say).accel
+            kw["attachments"] = [*kw.get("attachments", ()), Guest(files, log_prefix,
+                                                                   labels=self.data_hashes)]
         m = VM(name, self.env.binaries.path("system"), scratch=self.scratch,
-                    accel=self.env.accel, args=args, machine_type=machine_type,
+                    accel=accel, args=args, machine_type=machine_type,
                     sockdir=self.sockdir, transcript=self.log, log_prefix=log_prefix,
                     observer=self.oracle, **kw)
         self.machines.append(m)
         return m
+
+    def guest_files(self) -> GuestFiles:
+        """The guest's kernel and initrd: the user's own, or built from apt packages on
+        first use (progress through ``say``) and cached."""
+        if self.env.guest is not None:
+            return self.env.guest
+        return ensure(self.say, shared=Path(self.env.shared_dir) if self.env.shared_dir
+                      else None)
 
     def nbd(self, image: str | Path, *args: str, name: str = "nbd0") -> QemuNBD:
         """A qemu-nbd server (not started yet) on a socket in the short socket dir."""

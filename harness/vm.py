@@ -17,6 +17,7 @@ from typing import Any
 
 from harness import block, jobs
 from harness.errors import CommandError, MachineError
+from harness.guest import Guest
 from harness.machine import Machine, qmp_names, tail
 from harness.processes import file_size_problem
 from harness.transcript import Transcript
@@ -30,6 +31,20 @@ class VM(Machine):
         super().__init__(name, qemu, **kw)
         self.transcript = transcript
         self.log_prefix = log_prefix
+        found = [a for a in self.attachments if isinstance(a, Guest)]
+        self._guest = found[0] if found else None
+
+    @property
+    def has_guest(self) -> bool:
+        return self._guest is not None
+
+    @property
+    def guest(self) -> Guest:
+        """The Linux guest this VM boots (``qio.vm(..., guest=True)``)."""
+        if self._guest is None:
+            raise MachineError(self.name, "has no guest: create it with qio.vm(..., "
+                               "guest=True)")
+        return self._guest
 
     def qmp_log(self, cmd: str, arguments: Mapping[str, Any] | None = None, /, *,
                 expect_error: str | bool = False, check: bool = True,
