@@ -17,7 +17,7 @@ anything. Keyword names are QMP names with ``_`` for ``-`` throughout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from harness.backup import Case, Chain, create_target, reference, target_node, verify_restore
@@ -43,7 +43,13 @@ GUEST_DEVICE = "disk0/virtio-backend"
 
 def guest_writes(vm: VM, regions: Regions, pattern: int, device: str = GUEST_DEVICE) -> None:
     """Writes through the guest's device: they land in whatever its active layer is
-    (the base, an overlay after a snapshot, a backup's filter above it)."""
+    (the base, an overlay after a snapshot, a backup's filter above it). A VM that boots
+    a Linux guest (``qio.vm(..., guest=True)``) writes them itself, with O_DIRECT through
+    the virtio-blk disk; any other VM gets qemu-io writes through the device."""
+    if vm.has_guest:
+        for off, length in regions:
+            vm.guest.write(off, length, pattern, device.split("/", 1)[0])
+        return
     writes(vm, device, regions, pattern, device=True)
 
 
@@ -107,14 +113,27 @@ def full_backup(qio: Case, vm: VM, node: str, source: str, size: int, n: int = 0
 
 
 def incremental_backup(qio: Case, vm: VM, node: str, source: str, size: int, n: int,
-                       chain: Chain, bitmap: str = "b0") -> Chain:
+                       chain: Chain, bitmap: str = "b0",
+                       during: Callable[[], None] | None = None) -> Chain:
     """``sync=incremental`` from ``bitmap`` of ``node`` onto ``chain``; the bitmap is then
-    checked exactly (the model knows every bit after a backup) and the chain restored."""
+    checked exactly (the model knows every bit after a backup) and the chain restored.
+
+    ``during`` runs while the job is running (guest writes): the job starts throttled to
+    1 byte/s, so after its first chunk it waits (give it two dirty extents or more), and
+    goes on at full speed (``block-job-set-speed``) when ``during`` has returned."""
     ref = reference(qio, vm, node, source, n)
     image = f"inc{n}.qcow2"
     target = add_target(qio, vm, image, size, chain.top)
-    assert backup(vm, f"backup{n}", node, target, sync="incremental",
-                  bitmap=bitmap) is None, f"backup{n} failed"
+    job = f"backup{n}"
+    if during is None:
+        error = backup(vm, job, node, target, sync="incremental", bitmap=bitmap)
+    else:
+        vm.qmp_log("blockdev-backup", backup_job(job, node, target, sync="incremental",
+                                                 bitmap=bitmap, speed=1))
+        during()
+        vm.qmp_log("block-job-set-speed", device=job, speed=0)
+        error = vm.run_job(job)
+    assert error is None, f"{job} failed: {error}"
     del_target(vm, image)
     qio.oracle.check_exact(vm, node, [bitmap], f"after backup {n}")
     chain = chain.then(image)
