@@ -32,8 +32,8 @@ REPORT_OPTS := --junitxml=$(REPORTS)/junit.xml --artifacts=$(REPORTS)/artifacts
 endif
 export QEMU_BUILD_DIR
 
-.PHONY: help setup check check-quick selftest bench lint regen qemu-versions check-versions doctor \
-	build-qemu qemu-matrix coverage planted-bugs bisect explore clean
+.PHONY: help setup check check-quick selftest bench bench-guest lint regen qemu-versions \
+	check-versions doctor build-qemu qemu-matrix coverage planted-bugs bisect explore clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ selftest: setup  ## run the harness's own tests
 
 bench: setup  ## harness overhead vs a bare QEMU, as a ratio
 	$(VENV)/bin/python bench/overhead.py $(QEMU_OPTS)
+
+bench-guest: setup  ## guest boot to ready through the harness vs a bare QEMU, as a ratio
+	$(VENV)/bin/python bench/guest.py $(QEMU_OPTS)
 
 SHELL_SCRIPTS = $(shell find scripts -name '*.sh') .ci/run
 WORKFLOWS = $(wildcard .github/workflows/*.yml)
