@@ -185,7 +185,6 @@ def test_incremental_chain(qio: Case) -> None:
                                  f"{expected} from the source at backup {n}")
 
 
-@pytest.mark.quick
 @pytest.mark.requires(qmp=["block-dirty-bitmap-add"])
 def test_reboot_and_restart(qio: Case) -> None:
     """Guest writes around a guest reboot and a QEMU restart: the persistent bitmap has
