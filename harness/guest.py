@@ -112,6 +112,8 @@ class Guest:
         self._disks: dict[str, str] = {}
         self.up = False
         self.boots = 0
+        #: what to add to "did not reach its ready marker" (the probe asks QEMU's status)
+        self.on_timeout: Callable[[Machine], str] | None = None
 
     # -- the Machine attachment -----------------------------------------------------------
 
@@ -213,7 +215,11 @@ class Guest:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._fail(f"the guest did not {what} within {timeout:g} s")
+                extra = ""
+                if self.on_timeout is not None:
+                    with contextlib.suppress(HarnessError):
+                        extra = f" ({self.on_timeout(vm)})"
+                raise self._fail(f"the guest did not {what} within {timeout:g} s{extra}")
             try:
                 self._child.expect([pattern, PANIC], timeout=min(left, 1.0))
             except pexpect.TIMEOUT:
@@ -399,21 +405,27 @@ def probe_boot(qemu: str, accel: str, files: GuestFiles, workdir: Path,
     from harness.machine import Machine
 
     guest = Guest(files, boot_timeout=timeout)
+    guest.on_timeout = lambda vm: f"VM status {vm.qmp('query-status').get('status')!r}"
     vm = Machine(f"{accel}-guest-probe", qemu, accel=accel, scratch=workdir,
                  qmp_timeout=timeout, attachments=[guest])
     start = time.monotonic()
     try:
-        with vm:
-            took = time.monotonic() - start
+        vm.launch()
+        took = time.monotonic() - start
+        vm.shutdown()
         return took, ""
     except GuestError as e:
-        last = [ln for ln in guest.console_tail(5).splitlines() if ln.strip()]
-        said = f"; the console's last line: {last[-1].strip()!r}" if last else ""
+        last = [ln for ln in guest.console_tail(5).splitlines()
+                if ln.strip() and not ln.startswith("[qiotests ")]
+        said = (f"; the console's last line: {last[-1].strip()!r}" if last
+                else "; the guest printed nothing")
         return None, f"{e.reason.splitlines()[0]}{said}"
     except HarnessError as e:
         lines = [ln for ln in str(getattr(e, "log_tail", "")).splitlines() if ln.strip()]
         why = f": {lines[-1].strip()}" if lines else ""
         return None, f"QEMU with -accel {accel} failed ({getattr(e, 'reason', e)}){why}"
+    finally:
+        vm.shutdown(check=False, timeout=3.0)
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,11 @@ class Machine:
         if self.observer is not None:
             self.observer.launched(self)
         for a in self.attachments:
-            a.after_launch(self)  # (a guest boots: a failure leaves QEMU to the case's end)
+            try:
+                a.after_launch(self)  # (a guest boots to its ready marker)
+            except BaseException:
+                self.shutdown(check=False, timeout=3.0)  # the error says why, not this
+                raise
 
     async def _accept_or_exit(self) -> None:
         assert self._client is not None and self._proc is not None

@@ -92,11 +92,14 @@ def _discover(config: pytest.Config) -> Environment:
 def _say(config: pytest.Config) -> Callable[[str], None]:
     """Progress a case shows on the terminal while it runs (building the guest), also
     from an xdist worker: pytest's capture is suspended for the line."""
+    first = [True]  # the first line of a test leaves pytest's progress line first
+
     def say(text: str) -> None:
         capture = config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            sys.stderr.write(f"\nqiotests: {text}\n")
+            sys.stderr.write(f"{chr(10) if first[0] else ''}qiotests: {text}\n")
             sys.stderr.flush()
+        first[0] = False
     return say
 
 

@@ -274,5 +274,6 @@ def test_a_guest_that_never_gets_ready_fails_with_the_console(
         vm.guest.boot_timeout = 30.0
         with pytest.raises(GuestError, match=expect):
             vm.launch()
+        assert vm.state == "stopped", "a guest that failed to boot left its QEMU running"
     finally:
         case.close(failed=True)
