@@ -312,9 +312,12 @@ class Model:
 
         The data of every committed layer is written into ``base``, so the base's recording
         bitmaps must cover it. Layers are applied bottom-up, as the result is the same.
+        What lies past the base's end is not (QEMU copies the top's length, and grows a
+        smaller base to it first: the oracle resizes the base before this).
         """
+        size = self._node(base).size
         for layer in [*through, top]:
-            for off, length in self._node(layer).data:
+            for off, length in self._node(layer).data.window(0, size):
                 self.write(base, off, length)
 
     # -- backup jobs (blockdev-backup with a sync bitmap) -------------------------------

@@ -1170,6 +1170,9 @@ class Oracle:
         elif job.kind == "block-commit":
             top, base, through = self._commit_layers(view, job)
             above = [n for n, g in view.graph.items() if g.children.get("backing") == top]
+            # the job first grows a base smaller than the top (commit_run, mirror_run)
+            if view.model.nodes[base].size < view.model.nodes[top].size:
+                self._resize(view, base, view.model.nodes[top].size)
             if succeeded:
                 view.model.commit(top, base, through)
             if job.reopened is not None and (above or not succeeded):

@@ -38,11 +38,13 @@ def test_region_shrinks_toward_the_first_byte_and_reaches_the_last() -> None:
     assert region(0x1000, False, 0, 0) == (0, 1)            # never empty
 
 
-def test_resized_takes_sectors_and_keeps_one() -> None:
-    assert resized(0x100000, True, 1) == 0x100000 - 512
-    assert resized(0x100000, False, 3) == 0x100000 + 3 * 512
-    assert resized(0x1000, True, 100) == 512
-    assert resized(0x1000, True, 0) == 0x1000 - 512
+def test_resized_takes_eighths_and_sectors_and_keeps_one() -> None:
+    assert resized(0x100000, True, 0, 1) == 0x100000 - 512  # what drawn values shrink to
+    assert resized(0x100000, False, 0, 3) == 0x100000 + 3 * 512
+    assert resized(0x100000, True, 4, 1) == 0x80000 - 512
+    assert resized(0x100200, False, 1, 1) == 0x100200 + 0x20000 + 512  # 1/8, sector-aligned
+    assert resized(0x1000, True, 7, 16) == 512
+    assert resized(0x1000, True, 0, 0) == 0x1000 - 512
 
 
 def test_database_is_kept_outside_the_repo_per_qemu_version() -> None:
