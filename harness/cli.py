@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg", "qtest"))
     e.add_argument("--minutes", type=float, default=0.0, metavar="N",
                    help="explore for N minutes in batches of --examples (default: one batch)")
-    e.add_argument("--examples", type=int, default=50, metavar="N",
-                   help="sequences per batch (default 50)")
+    e.add_argument("--examples", type=int, default=20, metavar="N",
+                   help="sequences per batch; the time is checked between batches "
+                   "(default 20)")
     e.add_argument("--steps", type=int, default=30, metavar="N",
                    help="at most N steps per sequence (default 30)")
     e.add_argument("--derandomize", action="store_true",
