@@ -93,7 +93,7 @@ coverage: setup  ## gcov build of QEMU 7.2; line/branch coverage of its bitmap c
 	$(NICE) $(VENV)/bin/qiotests coverage --dir $(QEMU_COVERAGE_DIR) --matrix-dir $(QEMU_MATRIX_DIR) \
 		--jobs $(JOBS) $(foreach s,$(COVERAGE_SUITES),--suite $(s)) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
-planted-bugs: setup  ## build QEMU 7.2 pristine + 4 planted bitmap bugs; each must be caught (~20 min first time)
+planted-bugs: setup  ## build QEMU 7.2 pristine + each planted bitmap bug; each must be caught (~20 min first time)
 	scripts/planted-bugs.sh $(PLANTED_DIR)
 
 explore: setup  ## stateful exploration for MINUTES=N (Hypothesis, the oracle as invariant); prints a case on failure

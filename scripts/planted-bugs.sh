@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prove that the cases catch four planted QEMU bugs (docs/planted-bugs.md), with one command:
+# Prove that the cases catch the planted QEMU bugs (docs/planted-bugs.md), with one command:
 #   scripts/planted-bugs.sh [WORKDIR] [--only NAME...] [--jobs N]
 # WORKDIR (default ../qemu-planted, next to the repo) receives Debian bookworm's QEMU source
 # (`apt-get source qemu/bookworm`, adding the deb-src entry if apt has none), a pristine build
