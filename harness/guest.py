@@ -161,11 +161,33 @@ class Guest:
         self._child.logfile_read = self._log
         self._disks = {}
         self._busy = None
+        if "-incoming" in vm.argv:
+            # the destination of a migration boots nothing: the source's guest arrives,
+            # already running (continues_from() takes it over when the migration is done)
+            self._note("waiting for an incoming migration: no boot")
+            return
         self._wait_ready("boot")
 
+    def continues_from(self, source: Guest) -> None:
+        """After a migration to this guest's VM: the source's guest runs here now, its shell
+        waiting for commands on this console (no pending command: wait for it first)."""
+        if source._busy is not None:
+            raise MachineStateError(source.vm.name if source.vm else "?", "guest command "
+                                    f"{source._busy!r} still runs: wait for it before the "
+                                    "guest moves on")
+        self._seq = source._seq
+        self._disks = dict(source._disks)
+        source.up = False
+        self.up = True
+        self._note(f"the guest of {source.vm.name if source.vm else '?'} continues here")
+
     def before_quit(self, vm: Machine) -> None:
-        """A clean end: the guest powers itself off (``poweroff -f``) before QEMU quits."""
-        if self.up and self._child is not None:
+        """A clean end: the guest powers itself off (``poweroff -f``) before QEMU quits, if
+        it runs (not on a migration's source once the guest has moved on, nor paused)."""
+        if not (self.up and self._child is not None):
+            return
+        status = vm.execute("query-status").get("return", {}).get("status")
+        if status == "running":
             self.poweroff()
 
     def after_exit(self, vm: Machine) -> None:

@@ -6,12 +6,15 @@ a real guest under TCG, the proofs that its checks can fail.
   guest) shows up as an extra range where the model knows every bit;
 * a write in flight while a bitmap changes is refused rather than guessed;
 * a guest that never prints its ready marker, or whose kernel panics, fails with the
-  console's tail.
+  console's tail;
+* a guest migrates to another VM and writes on there (the hand-over migration cases use);
+* KVM that passes the cheap probe but cannot boot the guest: TCG, decided and said once.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import stat
 import struct
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import guest as guest_mod
 from harness import guest_image
+from harness.actions import migration_caps, wait_migration
 from harness.block import blockdev, qcow2_node
 from harness.errors import ConfigError, GuestError, OracleFailure, UnmodelledCommand
 from harness.guest_image import (
@@ -277,3 +282,56 @@ def test_a_guest_that_never_gets_ready_fails_with_the_console(
         assert vm.state == "stopped", "a guest that failed to boot left its QEMU running"
     finally:
         case.close(failed=True)
+
+
+@pytest.mark.guest
+def test_a_guest_migrates_and_writes_on(case: Case) -> None:
+    """The hand-over a migration case builds on: the destination boots nothing, takes
+    the source's guest with continues_from(), and its writes land in the model there."""
+    case.img.create("disk.qcow2", 4 << 20)
+    disk = [*blockdev(qcow2_node(case.path("disk.qcow2"), "disk")),
+            "-device", "virtio-blk-pci,drive=disk,id=disk0"]
+    sock = case.sockdir / "mig.sock"
+    src = case.vm("src", args=disk, guest=True)
+    dst = case.vm("dst", args=[*disk, "-incoming", f"unix:{sock}"], guest=True)
+    src.launch()
+    dst.launch()
+    src.qmp("block-dirty-bitmap-add", node="disk", name="b")
+    src.guest.write(0, 0x10000, 0x11)
+    for vm in (src, dst):
+        migration_caps(vm, events=True, dirty_bitmaps=True)
+    src.qmp("migrate", uri=f"unix:{sock}")
+    assert wait_migration(src) == "completed"
+    assert wait_migration(dst) == "completed"
+    dst.guest.continues_from(src.guest)
+    dst.guest.write(0x200000, 0x1000, 0x22)
+    (v,) = case.check_live(dst, "disk")
+    assert list(v.required) == [(0, 0x10000), (0x200000, 0x10000)]
+    assert dst.guest.checksum(0, 0x10000, show=False) == hashlib.sha256(
+        b"\x11" * 0x10000).hexdigest()
+    src.shutdown()  # paused after the migration: no poweroff, no wait for one
+    dst.shutdown()  # the guest powers off here
+
+
+def test_kvm_that_cannot_boot_the_guest_falls_back_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def probe_boot(qemu: str, accel: str, files: GuestFiles, workdir: Path,
+                   timeout: float) -> tuple[float | None, str]:
+        calls.append(accel)
+        return None, "the guest printed nothing"
+
+    monkeypatch.setattr(guest_mod, "probe_boot", probe_boot)
+    said: list[str] = []
+    files = GuestFiles(tmp_path / "k", tmp_path / "i", "test")
+    assert guest_mod.choose_accel("tcg", "auto", "qemu", files, tmp_path, said.append) == \
+        guest_mod.GuestAccel("tcg", "tcg (the session's)")
+    assert guest_mod.choose_accel("kvm", "kvm", "qemu", files, tmp_path, said.append).accel \
+        == "kvm"  # asked for: no probe
+    for _process in range(2):  # two xdist workers share the directory
+        guest_mod._DECIDED.clear()
+        got = guest_mod.choose_accel("kvm", "auto", "qemu", files, tmp_path / "s", said.append)
+        assert got.accel == "tcg" and "cannot run the guest: the guest printed nothing" in got.note
+    assert calls == ["kvm"]
+    assert said == [f"guest accel: {got.note}"]
