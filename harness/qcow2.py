@@ -338,6 +338,10 @@ class _Reader:
         self.path = path
         self.f = f
         self.size = os.fstat(f.fileno()).st_size
+        #: cluster index -> the bitmap structure using it. Each cluster may be used once:
+        #: a table or data cluster named twice would be read (and kept) twice, and N
+        #: entries naming one cluster would cost N clusters of memory from a file of one.
+        self.owner: dict[int, str] = {}
 
     def fail(self, message: str) -> Qcow2FormatError:
         return Qcow2FormatError(self.path, message)
@@ -354,10 +358,18 @@ class _Reader:
             raise self.fail(f"reading the {what} at offset {offset} returned too few bytes")
         return data
 
+    def claim(self, offset: int, length: int, what: str, cluster_size: int) -> None:
+        """Mark the clusters of a structure just read as used by ``what``."""
+        for c in range(offset // cluster_size, -(-(offset + length) // cluster_size)):
+            other = self.owner.setdefault(c, what)
+            if other != what:
+                raise self.fail(f"the {what} and the {other} share the cluster at offset "
+                                f"{c * cluster_size}")
+
     def image(self) -> Qcow2Image:
         header = self.header()
         extensions = self.extensions(header)
-        ext = self.bitmaps_extension(extensions)
+        ext = self.bitmaps_extension(header, extensions)
         bitmaps: tuple[Bitmap, ...] = ()
         if ext is not None:
             bitmaps = self.bitmap_directory(header, ext)
@@ -382,6 +394,8 @@ class _Reader:
             return Qcow2Header(version, *fields[2:])
         v3 = _HEADER_V3.unpack(self.read(_HEADER_V2.size, _HEADER_V3.size, "v3 header"))
         header = Qcow2Header(version, *fields[2:], *v3)
+        if header.refcount_order > 6:
+            raise self.fail(f"refcount_order is {header.refcount_order}, more than 6")
         length = header.header_length
         if length < _HEADER_V2.size + _HEADER_V3.size or length % 8 or length > (1 << cluster_bits):
             raise self.fail(f"header_length is {length}, not a multiple of 8 from 104 to a cluster")
@@ -411,7 +425,8 @@ class _Reader:
             offset += (length + 7) & ~7
         return tuple(found)
 
-    def bitmaps_extension(self, extensions: tuple[HeaderExtension, ...]) -> BitmapsExtension | None:
+    def bitmaps_extension(self, header: Qcow2Header,
+                          extensions: tuple[HeaderExtension, ...]) -> BitmapsExtension | None:
         exts = [e for e in extensions if e.type == EXT_BITMAPS]
         if not exts:
             return None
@@ -425,31 +440,51 @@ class _Reader:
                 f"bitmap_directory_size is {dir_size} bytes: {nb} bitmaps need "
                 f"{nb * _DIR_ENTRY.size} at least and QEMU writes "
                 f"{QCOW2_MAX_BITMAP_DIRECTORY_SIZE} at most")
-        if nb == 0 or reserved or dir_offset == 0:
-            raise self.fail(
-                f"the bitmaps extension is malformed (nb_bitmaps={nb}, reserved={reserved}, "
-                f"bitmap_directory_offset={dir_offset})"
-            )
+        if nb == 0:
+            raise self.fail("nb_bitmaps is 0; a bitmaps extension holds at least one bitmap")
+        if reserved:
+            raise self.fail(f"the bitmaps extension's reserved field is {reserved:#x}, not 0")
+        if dir_offset == 0 or dir_offset % header.cluster_size:
+            raise self.fail(f"bitmap_directory_offset is {dir_offset}, not a non-zero "
+                            f"multiple of the cluster size {header.cluster_size}")
         return BitmapsExtension(nb, dir_size, dir_offset)
 
     def bitmap_directory(self, header: Qcow2Header, ext: BitmapsExtension) -> tuple[Bitmap, ...]:
         directory = self.read(
             ext.bitmap_directory_offset, ext.bitmap_directory_size, "bitmap directory"
         )
+        self.claim(ext.bitmap_directory_offset, len(directory), "bitmap directory",
+                   header.cluster_size)
         bitmaps: list[Bitmap] = []
         pos = 0
         while pos < len(directory):
+            if len(bitmaps) == ext.nb_bitmaps:
+                raise self.fail(
+                    f"the bitmaps extension says nb_bitmaps {ext.nb_bitmaps} but the "
+                    f"directory (bitmap_directory_size {len(directory)}) holds more entries")
             if pos + _DIR_ENTRY.size > len(directory):
-                raise self.fail(f"bitmap directory entry {len(bitmaps)} is cut short")
+                raise self.fail(f"bitmap_directory_size {len(directory)} cuts bitmap "
+                                f"directory entry {len(bitmaps)} short")
             t_off, t_size, flags, bm_type, gran_bits, name_size, extra_size = (
                 _DIR_ENTRY.unpack_from(directory, pos)
             )
             body = pos + _DIR_ENTRY.size
             entry_end = body + extra_size + name_size
-            if entry_end > len(directory) or name_size == 0:
-                raise self.fail(f"bitmap directory entry {len(bitmaps)} has a bad name or size")
+            if name_size == 0:
+                raise self.fail(f"bitmap directory entry {len(bitmaps)} has name_size 0")
+            if entry_end > len(directory):
+                raise self.fail(
+                    f"bitmap directory entry {len(bitmaps)} (extra_data_size {extra_size}, "
+                    f"name_size {name_size}) overruns bitmap_directory_size {len(directory)}")
             extra = directory[body : body + extra_size]
             name = directory[body + extra_size : entry_end].decode("utf-8", "replace")
+            if any(b.name == name for b in bitmaps):
+                raise self.fail(f"the bitmap name {name!r} appears twice in the directory")
+            if bm_type != 1:
+                raise self.fail(f"bitmap {name!r} has type {bm_type}; only 1 (dirty "
+                                "tracking) exists")
+            if flags & ~0x7:
+                raise self.fail(f"bitmap {name!r} has reserved flags set (flags {flags:#x})")
             if not BME_MIN_GRANULARITY_BITS <= gran_bits <= BME_MAX_GRANULARITY_BITS:
                 raise self.fail(
                     f"bitmap {name!r} has granularity_bits {gran_bits}; QEMU writes only "
@@ -463,7 +498,7 @@ class _Reader:
             pos = (entry_end + 7) & ~7
         if len(bitmaps) != ext.nb_bitmaps:
             raise self.fail(
-                f"the bitmaps extension says {ext.nb_bitmaps} bitmaps but the directory "
+                f"the bitmaps extension says nb_bitmaps {ext.nb_bitmaps} but the directory "
                 f"holds {len(bitmaps)}"
             )
         return tuple(bitmaps)
@@ -496,9 +531,11 @@ class _Reader:
         self, header: Qcow2Header, name: str, offset: int, size: int, gran_bits: int
     ) -> tuple[tuple[BitmapTableEntry, ...], tuple[bytes | None, ...]]:
         cs = header.cluster_size
-        if offset % cs:
-            raise self.fail(f"bitmap {name!r} has a table offset {offset} not cluster-aligned")
+        if offset == 0 or offset % cs:
+            raise self.fail(f"bitmap {name!r} has bitmap_table_offset {offset}, not a "
+                            f"non-zero multiple of the cluster size {cs}")
         raw = self.read(offset, size * 8, f"bitmap table of {name!r}")
+        self.claim(offset, len(raw), f"bitmap table of {name!r}", cs)
         table = tuple(BitmapTableEntry(e) for (e,) in struct.iter_unpack(">Q", raw))
         # Bytes of bitmap data in all: only these are read from the last data cluster.
         data_bytes = _div_up(_div_up(header.virtual_size, 1 << gran_bits), 8)
@@ -511,7 +548,8 @@ class _Reader:
             )
             if bad:
                 raise self.fail(
-                    f"bitmap {name!r} table entry {index} is invalid ({entry.raw:#018x})"
+                    f"bitmap {name!r} table entry {index} is invalid ({entry.raw:#018x}: "
+                    "reserved bits, an offset not cluster-aligned, or bit 0 with an offset)"
                 )
             if entry.kind != "data":
                 clusters.append(None)
@@ -519,4 +557,5 @@ class _Reader:
             length = max(0, min(cs, data_bytes - index * cs))
             what = f"data cluster {index} of bitmap {name!r}"
             clusters.append(self.read(entry.offset, length, what))
+            self.claim(entry.offset, max(length, 1), what, cs)
         return table, tuple(clusters)
