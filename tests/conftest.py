@@ -17,10 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from harness.processes import REGISTRY
 
 pytest_plugins = ["pytester"]
+
+# A long random run of tests/test_qcow2_fuzz.py (registered here: the option is read
+# before test modules are imported).
+settings.register_profile("qiotests-fuzz-long", max_examples=20000, database=None,
+                          deadline=None)
 
 REPO = Path(__file__).resolve().parent.parent
 PIDS_FILE = "pids.txt"
