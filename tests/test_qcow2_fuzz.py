@@ -36,7 +36,7 @@ from harness.qcow2_writer import BitmapSpec, write_bitmaps
 from tests.test_qcow2 import MiB, create, qemu_img, tool
 
 #: bounded and repeatable: what make selftest runs (the global profile stays untouched)
-SELFTEST = settings(max_examples=300, derandomize=True, database=None, deadline=None,
+SELFTEST = settings(max_examples=200, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
