@@ -555,7 +555,8 @@ class Oracle:
         if extra:
             raise OracleFailure("\n".join(
                 f"bitmap {v.bitmap!r} on {v.node!r} ({where}) has dirty ranges the model "
-                f"says the backup cleared: extra {format_ranges(v.extra)}; model requires "
+                f"says are clean (a backup cleared them, or the image never held them): "
+                f"extra {format_ranges(v.extra)}; model requires "
                 f"{format_ranges(v.required)}, QEMU has {format_ranges(v.actual)}"
                 for v in extra), verdicts)
         return verdicts
