@@ -234,3 +234,18 @@ def test_a_change_in_ram_on_a_read_only_node_is_not_on_disk_after_a_crash(
     assert v.ok and not v.inconsistent
     assert case.oracle.model(vm).bitmap("drive0", "b").recording
     vm.shutdown()
+
+
+def test_a_bitmap_loaded_inconsistent_stays_in_use_after_a_clean_quit(case: Case) -> None:
+    """QEMU never stores a bitmap it loaded inconsistent: it stays in use in the image,
+    so ``convert --skip-broken-bitmaps`` leaves it behind."""
+    vm = start(case)
+    write(vm, 0, 0x1000)
+    vm.kill()
+    vm.launch()
+    vm.shutdown()
+    assert case.oracle.image("disk.qcow2").in_use == {"b"}
+    case.img.run("convert", "-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps",
+                 "disk.qcow2", "copy.qcow2")
+    assert case.oracle.image("copy.qcow2").bitmaps == {}
+    assert case.check_disk("copy.qcow2") == []
