@@ -170,7 +170,7 @@ def live_ranges(vm: Machine, node: str, name: str, img: QemuImg,
                         f"export={VIEW_EXPORT},x-dirty-bitmap=qemu:dirty-bitmap:{VIEW_BITMAP}")
                 extents = img.json("map", "--image-opts", opts)
             finally:
-                if nbd_socket is not None:
+                if nbd_socket is not None and vm.channel_usable:
                     _unexport(vm)
         finally:
             if nbd_socket is None:

@@ -11,6 +11,12 @@ socket directory and the event loop. Exits the case did not ask for (a signal, a
 status, a lost QMP connection) raise :class:`MachineExitError` with the command line,
 status and log tail.
 
+A QMP call cut short (a ``--timeout``, Ctrl-C, no reply in time) leaves QEMU in a state
+nobody knows: the VM's channel is marked unusable, later calls say so, and ``shutdown()``
+kills at once instead of asking with ``quit``. The asyncio loop itself is never broken
+into: a ``--timeout`` there only cancels the call, and is raised once the loop has
+stopped (``harness.signals.timeout_deferred``).
+
 All QMP traffic goes to ``<scratch>/<name>.qmp.log``; QEMU's stdout/stderr to
 ``<scratch>/<name>.log``. Nothing here writes to the test's transcript: this is the
 process layer (QEMU's ``QEMUMachine``). The case-facing conveniences (``qmp_log``,
@@ -39,6 +45,7 @@ from typing import IO, Any, Protocol, Self
 from qemu.qmp import ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError as LibQMPError
 
+from harness import signals
 from harness.errors import (
     CommandError,
     ConfigError,
@@ -51,6 +58,8 @@ from harness.processes import REGISTRY, exited, kill_group, max_file_size, wait_
 
 SOCKET_PATH_MAX = 107
 LAUNCH_TIMEOUT = 30.0
+#: How long a cancelled QMP call may take to unwind before its channel is given up.
+CANCEL_TIMEOUT = 5.0
 
 EventMatch = Callable[[dict[str, Any]], bool]
 
@@ -158,6 +167,7 @@ class Machine:
         self._commands: frozenset[str] | None = None
         self._qmp_log: IO[str] | None = None
         self._expect_exit = False
+        self._unusable: str | None = None  # why the QMP channel cannot be trusted
         self.fsize_limit: int | None = None  # RLIMIT_FSIZE the process was started under
         self.log_path = self.scratch / f"{name}.log"
         self.qmp_log_path = self.scratch / f"{name}.qmp.log"
@@ -182,6 +192,11 @@ class Machine:
             *self.args,
             *(arg for a in self.attachments for arg in a.argv(self)),
         ]
+
+    @property
+    def channel_usable(self) -> bool:
+        """Whether QMP calls can be made: QEMU runs and no call to it was cut short."""
+        return self.state == "running" and self._unusable is None
 
     @property
     def pid(self) -> int | None:
@@ -225,9 +240,11 @@ class Machine:
         self._commands = None
         self.exit_status = None
         self._expect_exit = False
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(self.name)
-        self._qmp_log = open(self.qmp_log_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._unusable = None
+        with signals.timeout_deferred():  # half-built, they would fail at their finalizers
+            self._loop = asyncio.new_event_loop()
+            self._client = QMPClient(self.name)
+            self._qmp_log = open(self.qmp_log_path, "a", encoding="utf-8")  # noqa: SIM115
         self._debug(f"launch #{self.launches + 1}: {' '.join(self.argv)}")
         try:
             self._run(self._client.start_server(str(self.socket_path)), LAUNCH_TIMEOUT)
@@ -295,6 +312,16 @@ class Machine:
         if self.state != "running":
             return self.exit_status
         unexpected = self._proc is not None and exited(self._proc)
+        if not unexpected and self._unusable is not None:
+            # nobody knows what QEMU is doing: asking it to quit would only wait
+            self._debug(f"killed without quit: {self._unusable}")
+            status = self._reap(kill=True)
+            self._finish(status)
+            if check and not self._expect_exit:
+                raise MachineTimeout(self.name, "was killed at shutdown without 'quit': "
+                                     f"{self._unusable}", self.argv, status,
+                                     tail(self.log_path))
+            return status
         if not unexpected:
             # the observer sees what QEMU said before it was asked to quit (a migration
             # that completed while the case was busy with the other VM)
@@ -389,50 +416,64 @@ class Machine:
     def _finish(self, status: int | None, clean: bool = False) -> None:
         """The process is gone: close the channels, then tell the observer (a clean
         exit stored the persistent bitmaps; any other one left them as they were)."""
-        self.exit_status = status
-        self._debug(f"exited: status {status}")
-        self._close_channels()
-        self.state = "stopped"
-        for a in self.attachments:
-            a.after_exit(self)
+        with signals.timeout_deferred():  # half done, the VM would be neither state
+            self.exit_status = status
+            self._debug(f"exited: status {status}")
+            self._close_channels()
+            self.state = "stopped"
+            for a in self.attachments:
+                a.after_exit(self)
         if self.observer is not None:
             self.observer.exited(self, clean)
 
     def _close_channels(self) -> None:
-        if (self._client is not None and self._loop is not None
-                and self._client.runstate != Runstate.IDLE):
-            with contextlib.suppress(Exception):
-                self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 5))
-        if self._loop is not None:
-            # no async generators run on this loop: closing it needs no extra round
-            self._loop.close()
-        self._client = None
-        self._loop = None
-        if self._qmp_log is not None:
-            self._qmp_log.close()
-            self._qmp_log = None
-        if self._sockdir is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
-            if self._own_sockdir:
-                # the path stays known so error messages can still show the command line
-                shutil.rmtree(self._sockdir, ignore_errors=True)
+        with signals.timeout_deferred():  # every step, or a socket dir is left behind
+            if (self._client is not None and self._loop is not None
+                    and self._client.runstate != Runstate.IDLE):
+                with contextlib.suppress(Exception):
+                    self._loop.run_until_complete(
+                        asyncio.wait_for(self._client.disconnect(), 5))
+            if self._loop is not None:
+                # no async generators run on this loop: closing it needs no extra round
+                self._loop.close()
+            self._client = None
+            self._loop = None
+            if self._qmp_log is not None:
+                self._qmp_log.close()
+                self._qmp_log = None
+            if self._sockdir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
+                if self._own_sockdir:
+                    # the path stays known so error messages can still show the command line
+                    shutil.rmtree(self._sockdir, ignore_errors=True)
 
     # -- QMP ------------------------------------------------------------------------------
 
-    def _run(self, coro: Any, timeout: float) -> Any:
-        """Run one coroutine on this VM's loop; on any interruption (timeout, Ctrl-C, a
-        pytest-timeout signal) the task is cancelled and awaited, so nothing is left
-        pending to fail later with an error nobody collects."""
-        assert self._loop is not None
-        task = self._loop.create_task(asyncio.wait_for(coro, timeout))
+    def _run(self, coro: Any, timeout: float, command: str | None = None) -> Any:
+        """Run one coroutine on this VM's loop.
+
+        A ``--timeout`` never breaks into the loop: it cancels the task, and is raised
+        when the loop has stopped. On any other interruption (Ctrl-C) the task is
+        cancelled and given :data:`CANCEL_TIMEOUT` to unwind, so nothing is left pending
+        to fail later with an error nobody collects. When ``command`` (a QMP call) is cut
+        short, the channel is marked unusable."""
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(asyncio.wait_for(coro, timeout))
         try:
-            return self._loop.run_until_complete(task)
+            with signals.timeout_deferred(lambda: loop.call_soon_threadsafe(task.cancel)):
+                return loop.run_until_complete(task)
         except BaseException:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    self._loop.run_until_complete(task)
+            with signals.timeout_deferred():
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        loop.run_until_complete(asyncio.wait({task}, timeout=CANCEL_TIMEOUT))
+                if not task.done():
+                    self._unusable = "a QMP exchange did not end when it was cancelled"
+                elif command is not None and task.cancelled():
+                    self._unusable = f"{command} was interrupted before its reply"
             raise
 
     async def _client_disconnect(self) -> None:
@@ -478,6 +519,9 @@ class Machine:
         the harness's own reads (the oracle's NBD view); cases use :meth:`qmp`."""
         self._require_running(cmd)
         self.check_alive()
+        if self._unusable is not None:
+            raise MachineStateError(self.name, f"has no usable QMP channel: {self._unusable} "
+                                    f"({cmd})")
         args = dict(args or {})
         if cmd == "quit":
             self._expect_exit = True  # the case asked for it: an exit is not a death
@@ -486,13 +530,14 @@ class Machine:
         self._drain_events()
         self._qmp_log.write(f"{time.monotonic():.6f} -> {json.dumps(sent)}\n")
         try:
-            result = self._run(self._client_execute(cmd, args), self.qmp_timeout)
+            result = self._run(self._client_execute(cmd, args), self.qmp_timeout, cmd)
             reply: dict[str, Any] = {"return": result}
         except ExecuteError as e:
             received = dict(e.received)
             reply = {"error": received.get("error", {"class": e.error_class, "desc": str(e)})}
         except TimeoutError:
             self._drain_events_safely()
+            self._unusable = f"no reply to {cmd} within {self.qmp_timeout:g} s"
             raise MachineTimeout(self.name, f"no reply to {cmd} within {self.qmp_timeout:g} s",
                                  self.argv, None, tail(self.log_path)) from None
         except (LibQMPError, OSError, EOFError) as e:
@@ -546,15 +591,17 @@ class Machine:
     def undo(self, cmd: str, **args: Any) -> None:
         """A QMP command that undoes a step, for a ``finally``: it never hides the real cause.
 
-        On a VM that is no longer running it does nothing: what stopped it (a death with its
-        signal and log tail, a timeout) has been raised already and is the error to report.
+        On a VM that is no longer running, or whose QMP channel is unusable (a call was cut
+        short), it does nothing: what stopped it (a death with its signal and log tail, a
+        timeout) has been raised already and is the error to report.
         A VM that died since raises that death (MachineExitError), not "is not running".
         While another exception is on its way out, an error reply to the undo is only
         logged, so that exception stays the one reported. It goes on the raw channel
         (:meth:`execute`): undoing the harness's own steps is nothing the oracle follows.
         """
-        if self.state != "running":
-            self._debug(f"{cmd} skipped: the VM is {self.state}")
+        if self.state != "running" or self._unusable is not None:
+            self._debug(f"{cmd} skipped: the VM is {self.state}"
+                        + (f", {self._unusable}" if self._unusable else ""))
             return
         sent = qmp_names(args)
         reply = self.execute(cmd, sent)

@@ -139,13 +139,28 @@ def _worker_pids() -> list[int]:
     return [pid for pid in signals.child_pids() if pid not in ours]
 
 
+def _fail(message: str) -> None:
+    __tracebackhide__ = True
+    pytest.fail(message)
+
+
 class _TimeoutGuard:
     """pytest-timeout's signal method, raised only while the test's own code runs
     (harness.signals.TimeoutClock): a tiny --timeout never interrupts pytest's reporting.
-    The thread method is left to pytest-timeout."""
+    The thread method is left to pytest-timeout. The finalizer errors an interrupted test
+    leaves are reported after the garbage collection that finds them
+    (harness.signals.UnraisableAfterGC), never inside it."""
 
     def __init__(self) -> None:
-        self.clock = signals.TimeoutClock(lambda message: pytest.fail(message))
+        self.clock = signals.TimeoutClock(_fail)
+        self.unraisable = signals.UnraisableAfterGC()
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.unraisable.install()  # around pytest's hook, installed at configure
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.unraisable.uninstall()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
@@ -163,13 +178,19 @@ class _TimeoutGuard:
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.unraisable.flush()
         with self.clock.running():
             return (yield)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.unraisable.flush()
         with self.clock.running():
             return (yield)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        self.unraisable.flush()
 
 
 class _Controller:

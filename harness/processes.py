@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from harness.signals import timeout_deferred
+
 _PR_SET_PDEATHSIG = 1
 SETPRIV = shutil.which("setpriv")
 PRLIMIT = shutil.which("prlimit")
@@ -205,21 +207,32 @@ class ProcessRegistry:
             preexec = None
         else:
             wrapper, preexec = [], _child_setup(fsize)
-        proc = subprocess.Popen(
-            [*wrapper, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=env,
-            cwd=cwd,
-            pass_fds=tuple(pass_fds),
-            preexec_fn=preexec,
-            # its own session and group: Ctrl-C in the terminal goes to pytest, not to QEMU,
-            # and killing the group kills whatever QEMU started
-            start_new_session=True,
-        )
-        with self._lock:
-            self._procs[proc.pid] = (proc, label)
+        # a --timeout while the program starts is raised once it is registered; then nobody
+        # owns it (the caller never got it), so it is stopped here
+        proc: subprocess.Popen[Any] | None = None
+        try:
+            with timeout_deferred():
+                proc = subprocess.Popen(
+                    [*wrapper, *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
+                    env=env,
+                    cwd=cwd,
+                    pass_fds=tuple(pass_fds),
+                    preexec_fn=preexec,
+                    # its own session and group: Ctrl-C in the terminal goes to pytest, not
+                    # to QEMU, and killing the group kills whatever QEMU started
+                    start_new_session=True,
+                )
+                with self._lock:
+                    self._procs[proc.pid] = (proc, label)
+        except BaseException:
+            if proc is not None:
+                kill_group(proc.pid)
+                if wait_exit(proc, 5.0) is not None:
+                    self.forget(proc.pid)
+            raise
         return proc
 
     def adopt(self, pid: int, label: str) -> None:
@@ -337,8 +350,8 @@ def run(argv: Sequence[str], timeout: float, *, label: str = "", cwd: str | Path
     """
     argv = list(argv)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = REGISTRY.spawn(argv, label or argv[0], stdout=out, stderr=err, env=env, cwd=cwd)
         status: int | None = None
+        proc = REGISTRY.spawn(argv, label or argv[0], stdout=out, stderr=err, env=env, cwd=cwd)
         try:
             status = wait_exit(proc, timeout)
         finally:

@@ -14,15 +14,33 @@ parser state broken), and the run ends in INTERNALERROR. :class:`TimeoutClock` k
 timer but raises only while the test's own code runs (setup and call); an alarm that comes
 in between is kept and raised when the test's code runs next. Teardown is never
 interrupted: the harness bounds it itself (QEMU is asked to quit, then killed).
+
+Even inside the test's code some places must not be broken by an exception out of nowhere.
+Raised inside an asyncio loop, it lands in whichever task runs (QMP's reader or writer: the
+connection was lost and the case reported a QEMU "killed by SIGKILL" instead of its
+timeout) or between a cancelled call and its clean-up; raised in the middle of starting a
+program, the program runs unregistered. Such code runs under :func:`timeout_deferred`: an
+alarm there only asks it to stop (a QMP call is cancelled) and the timeout is raised when
+it ends.
+
+An interrupted test also leaves half-built objects whose finalizers fail later, in some
+garbage collection. pytest reports such an "unraisable" exception by formatting its
+traceback at once, and on CPython 3.11 formatting calls ``ast.parse``: inside a collection
+that pytest's own ``ast.parse`` set off (building a report) the nested call breaks the
+outer one ("SystemError: AST constructor recursion depth mismatch") and the xdist worker
+ends in INTERNALERROR. :class:`UnraisableAfterGC` passes those reports on after the
+collection instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 
@@ -67,8 +85,9 @@ class TimeoutClock:
     """A per-test SIGALRM timer whose timeout is raised only while the test's code runs.
 
     ``fail`` raises the timeout (the plugin passes ``pytest.fail``); it is called from the
-    signal handler while :meth:`running` is active, or at the start of the next
-    :meth:`running` block when the alarm came in between.
+    signal handler while :meth:`running` is active and no :func:`timeout_deferred` block
+    is, at the end of the outermost such block when the alarm came inside one, or at the
+    start of the next :meth:`running` block when the alarm came in between.
     """
 
     def __init__(self, fail: Callable[[str], Any]) -> None:
@@ -83,39 +102,137 @@ class TimeoutClock:
         return self._state != "off"
 
     def start(self, timeout: float) -> None:
+        global _clock
         self._timeout = timeout
         self._state = "counting"
         self._previous = signal.signal(signal.SIGALRM, self._alarm)
+        _clock = self
         signal.setitimer(signal.ITIMER_REAL, timeout)
 
     def stop(self) -> None:
+        global _clock
         signal.setitimer(signal.ITIMER_REAL, 0)
         if self._previous is not None:
             signal.signal(signal.SIGALRM, self._previous)
         self._previous = None
         self._state = "off"
         self._armed = False
+        if _clock is self:
+            _clock = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Around the test's own code (setup, call): the timeout may be raised here."""
-        if self._state == "expired":
-            self._state = "fired"
-            self._fail(self._message())
+        __tracebackhide__ = True
         self._armed = True
+        self._raise_expired()
         try:
             yield
         finally:
             self._armed = False
 
-    def _alarm(self, signum: int, frame: FrameType | None) -> None:
-        if self._state != "counting":
-            return
-        if self._armed:
+    def _raise_expired(self) -> None:
+        """Raise a timeout whose alarm came when it could not be raised, if it may be now."""
+        __tracebackhide__ = True
+        if self._state == "expired" and self._armed and not _deferring:
             self._state = "fired"
             self._armed = False
             self._fail(self._message())
-        self._state = "expired"  # raised when the test's code runs next
+
+    def _alarm(self, signum: int, frame: FrameType | None) -> None:
+        __tracebackhide__ = True
+        if self._state != "counting":
+            return
+        self._state = "expired"  # raised now if it may be, else when it may next
+        if self._armed and _deferring:
+            with contextlib.suppress(Exception):
+                _deferring[-1]()  # ask the code that must not be broken to stop
+        self._raise_expired()
 
     def _message(self) -> str:
         return f"Timeout (>{self._timeout:g}s): the test ran longer than --timeout"
+
+
+#: The clock of the test running now (one test at a time per process).
+_clock: TimeoutClock | None = None
+#: The interrupt callbacks of the :func:`timeout_deferred` blocks running now, innermost last.
+_deferring: list[Callable[[], object]] = []
+
+
+def _nothing() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def timeout_deferred(interrupt: Callable[[], object] = _nothing) -> Iterator[None]:
+    """A block no timeout exception may break (an asyncio loop at work, a program being
+    started and registered): an alarm inside it calls ``interrupt`` (which should make the
+    block end soon, e.g. cancel the QMP call it waits for) and the timeout is raised when
+    the outermost such block ends, over whatever else it raised. ``interrupt`` runs in a
+    signal handler: it must only set things in motion (``loop.call_soon_threadsafe``)."""
+    __tracebackhide__ = True
+    _deferring.append(interrupt)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+        if _clock is not None:
+            _clock._raise_expired()
+
+
+class UnraisableAfterGC:
+    """Wraps ``sys.unraisablehook``: an exception raised in a finalizer during a garbage
+    collection is passed on after it (at the next report outside one, or :meth:`flush`),
+    so the hook's traceback formatting never runs inside an ``ast.parse`` that set off the
+    collection (CPython 3.11 keeps one AST-building depth counter per interpreter)."""
+
+    def __init__(self) -> None:
+        self._collecting = False
+        self._held: list[Any] = []
+        self._hook: Callable[[Any], object] | None = None
+
+    def install(self) -> None:
+        """Wrap the hook installed now (pytest's, once its plugins are configured)."""
+        if self._hook is not None:
+            return
+        self._hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+        gc.callbacks.append(self._phase)
+
+    def uninstall(self) -> None:
+        """Pass on what is held and put the wrapped hook back (if nobody replaced ours)."""
+        if self._hook is None:
+            return
+        self.flush()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._phase)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._hook
+        self._hook = None
+
+    def flush(self) -> None:
+        """Hand the held reports to the wrapped hook (outside any garbage collection)."""
+        while self._held and not self._collecting and self._hook is not None:
+            self._hook(self._held.pop(0))
+
+    def _phase(self, phase: str, info: dict[str, int]) -> None:
+        self._collecting = phase == "start"
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if self._collecting:
+            self._held.append(_Unraisable(unraisable))
+            return
+        self.flush()
+        if self._hook is not None:
+            self._hook(unraisable)
+
+
+class _Unraisable:
+    """A copy of ``sys.UnraisableHookArgs``: those are only valid during the hook call."""
+
+    def __init__(self, args: Any) -> None:
+        self.exc_type: type[BaseException] = args.exc_type
+        self.exc_value: BaseException | None = args.exc_value
+        self.exc_traceback: TracebackType | None = args.exc_traceback
+        self.err_msg: str | None = args.err_msg
+        self.object: object = args.object

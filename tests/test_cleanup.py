@@ -212,3 +212,45 @@ def test_a_tiny_timeout_never_ends_in_internalerror(project: Project) -> None:
     assert re.search(r"=+ \d+ failed[^\n]* in [\d.]+s", out), out
     assert "left running" not in out
     assert_all_gone(project, {f"t{i}" for i in range(16)})
+
+
+#: A test that leaves what an interrupted __init__ leaves (a cycle whose finalizer fails),
+#: then times out; its module is big, so the parse pytest does to show the failing line
+#: allocates enough to start a garbage collection.
+GARBAGE = '''
+import gc
+import time
+
+
+class HalfBuilt:
+    def __init__(self) -> None:
+        self.cycle = self
+
+    def __del__(self) -> None:
+        raise AttributeError("'HalfBuilt' object has no attribute '_closed'")
+
+
+def test_leaves_garbage_then_times_out() -> None:
+    gc.collect()
+    gc.set_threshold(3000)
+    for _ in range(500):
+        HalfBuilt()
+    time.sleep(60)
+''' + "".join(f"\n\ndef helper_{i}(a: int) -> list[int]:\n    return [a + {i} for _ in (a, a)]\n"
+              for i in range(800))
+
+
+@pytest.mark.parametrize("mode", [(), ("-n", "2")], ids=["single", "xdist"])
+def test_garbage_of_a_timed_out_test_is_reported_after_the_report(
+        project: Project, mode: tuple[str, ...]) -> None:
+    """Issue 9 item 8: pytest formats a finalizer's error at once, inside the garbage
+    collection; on CPython 3.11 that broke the ast.parse pytest was doing to build the
+    timed-out test's report (SystemError: AST constructor recursion depth mismatch) and
+    the run ended in INTERNALERROR."""
+    project.case("garbage", GARBAGE)
+    result = project.run(*mode, "--timeout", "1")
+    out = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in out and "SystemError" not in out, out
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "Timeout (>1s): the test ran longer than --timeout" in out
+    assert re.search(r"=+ 1 failed[^\n]* in [\d.]+s", out), out

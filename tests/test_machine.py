@@ -10,9 +10,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -28,6 +30,7 @@ from harness.errors import (
 )
 from harness.machine import Machine, short_socket_dir
 from harness.processes import REGISTRY
+from harness.signals import TimeoutClock
 from harness.transcript import Transcript
 from harness.vm import VM
 from tests.conftest import fake_program, pid_gone, process_alive, wait_pid_gone
@@ -496,3 +499,86 @@ def test_a_program_killed_by_sigxfsz_says_why(tmp_path: Path) -> None:
         "(--max-file-size)): (no output)")
     assert "(a write reached the file-size limit of 1 MiB (--max-file-size))" in str(io_ei.value)
     assert (tmp_path / "big").stat().st_size == 1 << 20
+
+
+class TimedOut(BaseException):
+    """What the --timeout clock raises here (pytest's Failed is a BaseException too)."""
+
+
+def timed_out(message: str) -> NoReturn:
+    raise TimedOut(message)
+
+
+@pytest.fixture
+def clock() -> Iterator[TimeoutClock]:
+    """The plugin's --timeout clock, on the real SIGALRM."""
+    c = TimeoutClock(timed_out)
+    yield c
+    c.stop()
+
+
+def test_a_timeout_inside_a_qmp_call_leaves_the_channel_unusable(
+        qemu_system: str, tmp_path: Path, sockdir: Path, clock: TimeoutClock) -> None:
+    """Issue 9 item 8: a --timeout inside a QMP call (QEMU stopped: no reply ever comes)
+    is the error reported; later calls say the channel is unusable and why; shutdown kills
+    at once (no 'quit' that would wait out its timeout). It broke into the asyncio loop
+    before: a task or a clean-up hit, the channel left in use."""
+    m = Machine("vm0", qemu_system, scratch=tmp_path, machine_type="none", sockdir=sockdir,
+                qmp_timeout=600)
+    m.launch()
+    assert m.pid is not None
+    os.kill(m.pid, signal.SIGSTOP)
+    clock.start(0.2)
+    with pytest.raises(TimedOut, match=r"Timeout \(>0.2s\)"), clock.running():
+        m.qmp("query-status")
+    assert not m.channel_usable
+    with pytest.raises(MachineStateError, match=r"^vm 'vm0': has no usable QMP channel: "
+                       r"query-status was interrupted before its reply \(query-version\)"):
+        m.qmp("query-version")
+    m.undo("block-dirty-bitmap-remove", node="n", name="b")  # a finally's undo: skipped
+    with pytest.raises(MachineTimeout, match="was killed at shutdown without 'quit': "
+                       "query-status was interrupted") as ei:
+        m.shutdown(timeout=600)
+    assert ei.value.status == -signal.SIGKILL
+    sent = [ln for ln in m.qmp_log_path.read_text().splitlines() if " -> " in ln]
+    assert not any('"quit"' in ln or "block-dirty-bitmap-remove" in ln for ln in sent), sent
+    assert m.state == "stopped" and not sockdir.joinpath("vm0.qmp").exists()
+
+
+def test_a_timeout_while_waiting_for_an_event_keeps_the_channel(
+        vm: VM, clock: TimeoutClock) -> None:
+    """Waiting for an event sends nothing: cut short, the channel is still good."""
+    clock.start(0.2)
+    with pytest.raises(TimedOut), clock.running():
+        vm.event_wait("NEVER_HAPPENS", timeout=600)
+    assert vm.channel_usable
+    assert vm.qmp("query-status")["status"] == "running"
+    assert vm.shutdown() == 0
+
+
+def test_a_timeout_while_qemu_starts_leaves_no_process(
+        tmp_path: Path, clock: TimeoutClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alarm lands just after the fork, before the registry knows the program: it is
+    raised once the program is registered, and the program is stopped (it ran on,
+    unregistered and unowned, before). The program is one that would never end alone."""
+    qemu = fake_program(tmp_path / "bin" / "qemu-system-x86_64", "exec sleep 600")
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_alarm(*args: Any, **kw: Any) -> subprocess.Popen[Any]:
+        proc = real_popen(*args, **kw)
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGALRM)  # the --timeout, right now
+        time.sleep(0.05)  # Python runs the handler at its next check
+        return proc
+
+    m = Machine("vm0", str(qemu), scratch=tmp_path, machine_type="none")
+    clock.start(600)
+    monkeypatch.setattr(subprocess, "Popen", popen_then_alarm)
+    with pytest.raises(TimedOut), clock.running():
+        m.launch()
+    monkeypatch.undo()
+    assert len(started) == 1
+    assert wait_pid_gone(started[0])
+    assert started[0] not in {pid for pid, _ in REGISTRY.alive()}
+    assert m.state == "stopped"

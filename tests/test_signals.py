@@ -1,0 +1,160 @@
+"""harness.signals: the ``--timeout`` clock, the blocks it may not break, and the finalizer
+errors an interrupted test leaves behind (issue 9, item 8).
+
+The clock runs on the real SIGALRM here; ``TimedOut`` stands in for pytest's ``Failed``.
+No test asserts on time: the waits are bounds, what is checked is where the timeout came.
+"""
+
+from __future__ import annotations
+
+import ast
+import gc
+import time
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import pytest
+
+from harness import signals
+from harness.signals import TimeoutClock, UnraisableAfterGC, timeout_deferred
+
+
+class TimedOut(BaseException):
+    """What the clock raises in these tests (pytest's Failed is a BaseException too)."""
+
+
+def fail(message: str) -> NoReturn:
+    raise TimedOut(message)
+
+
+@pytest.fixture
+def clock() -> Iterator[TimeoutClock]:
+    c = TimeoutClock(fail)
+    yield c
+    c.stop()
+
+
+def wait_for(flag: list[Any], bound: float = 30.0) -> None:
+    """Sleep in small steps until ``flag`` is not empty (or ``bound`` has passed)."""
+    deadline = time.monotonic() + bound
+    while not flag and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_an_alarm_in_test_code_raises_there(clock: TimeoutClock) -> None:
+    clock.start(0.05)
+    with pytest.raises(TimedOut, match=r"Timeout \(>0.05s\)"), clock.running():
+        wait_for([])
+
+
+def test_an_alarm_in_a_deferred_block_interrupts_it_and_is_raised_at_its_end(
+        clock: TimeoutClock) -> None:
+    interrupted: list[bool] = []
+    ended: list[bool] = []
+    clock.start(0.05)
+    with (pytest.raises(TimedOut), clock.running(),
+          timeout_deferred(lambda: interrupted.append(True))):
+        wait_for(interrupted)
+        ended.append(True)  # the block went on after the alarm
+    assert interrupted == [True] and ended == [True]
+
+
+def test_nested_deferred_blocks_raise_only_at_the_outermost_end(clock: TimeoutClock) -> None:
+    steps: list[str] = []
+    clock.start(0.05)
+    with pytest.raises(TimedOut), clock.running():
+        with timeout_deferred(lambda: steps.append("outer interrupted")):
+            with timeout_deferred(lambda: steps.append("inner interrupted")):
+                wait_for(steps)
+            steps.append("inner ended")
+        steps.append("never reached")
+    assert steps == ["inner interrupted", "inner ended"]
+
+
+def test_an_alarm_between_setup_and_call_is_raised_when_the_call_starts(
+        clock: TimeoutClock) -> None:
+    """pytest builds and sends the setup report between the two: the alarm waits."""
+    clock.start(0.05)
+    with clock.running():
+        pass  # setup
+    time.sleep(0.2)  # pytest's reporting: never interrupted
+    body: list[bool] = []
+    with pytest.raises(TimedOut), clock.running():
+        body.append(True)
+    assert body == []
+
+
+def test_an_alarm_in_teardown_is_never_raised(clock: TimeoutClock) -> None:
+    clock.start(0.05)
+    with timeout_deferred():  # the harness's own clean-up, outside any running() block
+        time.sleep(0.2)
+    clock.stop()
+    assert not clock.active
+
+
+def test_a_failing_interrupt_does_not_break_the_handler(clock: TimeoutClock) -> None:
+    def interrupt() -> None:
+        raise RuntimeError("the loop is closed")
+    clock.start(0.05)
+    with pytest.raises(TimedOut), clock.running(), timeout_deferred(interrupt):
+        time.sleep(0.2)
+
+
+class HalfBuilt:
+    """What an interrupted ``__init__`` leaves: a cycle whose finalizer fails."""
+
+    def __init__(self) -> None:
+        self.cycle = self
+
+    def __del__(self) -> None:
+        raise AttributeError("'HalfBuilt' object has no attribute '_closed'")
+
+
+#: Enough statements that building their AST allocates far past a low gc threshold.
+BIG_SOURCE = "\n".join(f"def f{i}(a, b):\n    return [x + {i} for x in (a, b) if x]"
+                       for i in range(500))
+
+
+def formatting_hook(seen: list[str]) -> Any:
+    """An unraisable hook that formats the traceback at once, as pytest's does."""
+    import traceback
+
+    def hook(args: Any) -> None:
+        seen.append("".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                       args.exc_traceback)))
+    return hook
+
+
+def test_finalizer_errors_are_reported_after_the_collection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the wrapper, CPython 3.11 raises SystemError: AST constructor recursion
+    depth mismatch from this ast.parse (pytest's, building a report: INTERNALERROR)."""
+    seen: list[str] = []
+    monkeypatch.setattr("sys.unraisablehook", formatting_hook(seen))
+    guard = UnraisableAfterGC()
+    guard.install()
+    threshold = gc.get_threshold()
+    gc.collect()
+    try:
+        gc.set_threshold(50)
+        for _ in range(500):
+            HalfBuilt()
+        ast.parse(BIG_SOURCE)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.collect()
+        guard.uninstall()
+    assert seen and all("AttributeError: 'HalfBuilt'" in s for s in seen)
+    assert not signals._deferring
+
+
+def test_the_wrapped_hook_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    seen: list[str] = []
+    hook = formatting_hook(seen)
+    monkeypatch.setattr("sys.unraisablehook", hook)
+    guard = UnraisableAfterGC()
+    guard.install()
+    assert sys.unraisablehook != hook
+    guard.uninstall()
+    assert sys.unraisablehook is hook
