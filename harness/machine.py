@@ -110,8 +110,9 @@ def short_socket_dir() -> Path:
     # TMPDIR when it is short (a CI runner's, a test's own); macOS's long one is not
     tmp = tempfile.gettempdir()
     base = tmp if len(tmp) <= 40 or not os.path.isdir("/tmp") else "/tmp"
-    path = Path(tempfile.mkdtemp(prefix="qio-", dir=base))
-    _SOCKET_DIRS.append(path)
+    with signals.timeout_deferred():  # made and remembered (for exit) as one step
+        path = Path(tempfile.mkdtemp(prefix="qio-", dir=base))
+        _SOCKET_DIRS.append(path)
     return path
 
 

@@ -364,8 +364,15 @@ def qio(request: pytest.FixtureRequest, tmp_path: Path, qio_env: Environment) ->
     The scratch dir is pytest's tmp_path: with ``tmp_path_retention_policy = "failed"``
     pytest keeps a failing test's for the report's paths to point into.
     """
-    case = Case(qio_env, tmp_path, say=_say(request.config))
-    request.node.stash[CASE_KEY] = case
+    case: Case | None = None
+    try:
+        with signals.timeout_deferred():  # made and known to teardown as one step
+            case = Case(qio_env, tmp_path, say=_say(request.config))
+            request.node.stash[CASE_KEY] = case
+    except BaseException:
+        if case is not None:  # a --timeout: no teardown for a fixture that never yielded
+            case.close(failed=True)
+        raise
     yield case
     rep = request.node.stash.get(CALL_REPORT_KEY, None)
     failed = rep is None or not rep.passed
@@ -399,6 +406,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Reports: the harness's short text, the case's line and reason for the CI reports
     (carried to the xdist controller as report attributes), the oracle's drawing; after
     teardown, a failed test's files for --artifacts."""
+    if call.excinfo is not None:
+        # a frame the --timeout interrupted may have no line number: pytest would fail
+        signals.mend_tracebacks(call.excinfo.value)
     rep = yield
     if rep.when == "call":
         item.stash[CALL_REPORT_KEY] = rep

@@ -30,6 +30,11 @@ that pytest's own ``ast.parse`` set off (building a report) the nested call brea
 outer one ("SystemError: AST constructor recursion depth mismatch") and the xdist worker
 ends in INTERNALERROR. :class:`UnraisableAfterGC` passes those reports on after the
 collection instead.
+
+And a frame the timeout interrupts can be at an instruction CPython 3.11 gives no line
+number: its traceback entry has ``tb_lineno`` None, and pytest, building the report, fails
+with "unsupported operand type(s) for -: 'NoneType' and 'int'" (INTERNALERROR again).
+:func:`mend_tracebacks` gives such an entry the line of the statement it was in.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 
@@ -236,3 +241,52 @@ class _Unraisable:
         self.exc_traceback: TracebackType | None = args.exc_traceback
         self.err_msg: str | None = args.err_msg
         self.object: object = args.object
+
+
+def mend_tracebacks(exc: BaseException) -> int:
+    """Give each traceback entry of ``exc`` and of the exceptions chained to it a line
+    number; returns how many had none. An entry without one (``tb_lineno`` None: the frame
+    was interrupted at an instruction that has no line) is replaced by a copy with the line
+    of the last instruction before it that has one."""
+    mended = 0
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        head, n = _mend(e.__traceback__)
+        if n:
+            e.__traceback__ = head
+            mended += n
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return mended
+
+
+def _mend(head: TracebackType | None) -> tuple[TracebackType | None, int]:
+    mended = 0
+    prev: TracebackType | None = None
+    tb = head
+    while tb is not None:
+        if tb.tb_lineno is None:
+            line = _line_before(tb.tb_frame.f_code, tb.tb_lasti)
+            tb = TracebackType(tb.tb_next, tb.tb_frame, tb.tb_lasti, line)
+            if prev is None:
+                head = tb
+            else:
+                prev.tb_next = tb
+            mended += 1
+        prev, tb = tb, tb.tb_next
+    return head, mended
+
+
+def _line_before(code: CodeType, offset: int) -> int:
+    """The line of the last instruction at or before ``offset`` that has one."""
+    line = code.co_firstlineno
+    for start, _end, lineno in code.co_lines():
+        if start > offset:
+            break
+        if lineno is not None:
+            line = lineno
+    return line

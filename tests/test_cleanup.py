@@ -254,3 +254,43 @@ def test_garbage_of_a_timed_out_test_is_reported_after_the_report(
     assert result.ret == pytest.ExitCode.TESTS_FAILED, out
     assert "Timeout (>1s): the test ran longer than --timeout" in out
     assert re.search(r"=+ 1 failed[^\n]* in [\d.]+s", out), out
+
+
+#: A test whose error went through a frame interrupted where CPython 3.11 has no line
+#: number (the traceback entry's tb_lineno is None), as a --timeout can leave it.
+LINELESS = '''
+import os
+import sys
+from types import TracebackType
+
+
+def lineless_frame():
+    with open(os.devnull) as f:
+        f.read(0)
+    frame = sys._getframe()
+    return frame, next(s for s, _e, line in frame.f_code.co_lines() if line is None)
+
+
+def test_interrupted_where_there_is_no_line() -> None:
+    frame, offset = lineless_frame()
+    try:
+        raise TimeoutError("Timeout (>0.1s): as if interrupted there")
+    except TimeoutError as e:
+        e.__traceback__.tb_next = TracebackType(None, frame, offset, -1)
+        raise
+'''
+
+
+@pytest.mark.parametrize("mode", [(), ("-n", "2")], ids=["single", "xdist"])
+def test_a_frame_without_a_line_number_is_reported(project: Project,
+                                                   mode: tuple[str, ...]) -> None:
+    """Issue 9 item 8: pytest, building the report, failed on such an entry ("unsupported
+    operand type(s) for -: 'NoneType' and 'int'") and the xdist worker ended in
+    INTERNALERROR."""
+    project.case("lineless", LINELESS)
+    result = project.run(*mode)
+    out = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in out and "NoneType" not in out, out
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "as if interrupted there" in out
+    assert re.search(r"=+ 1 failed[^\n]* in [\d.]+s", out), out

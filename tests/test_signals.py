@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ast
 import gc
+import os
+import sys
 import time
 from collections.abc import Iterator
+from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 import pytest
@@ -158,3 +161,57 @@ def test_the_wrapped_hook_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sys.unraisablehook != hook
     guard.uninstall()
     assert sys.unraisablehook is hook
+
+
+def frame_with_a_lineless_instruction() -> tuple[FrameType, int]:
+    """A real frame, and the offset of one of its instructions that has no line number
+    (the clean-up of a ``with`` whose ``__exit__`` raised: where a signal can land)."""
+    with open(os.devnull) as f:
+        f.read(0)
+    frame = sys._getframe()
+    offset = next(start for start, _end, line in frame.f_code.co_lines() if line is None)
+    return frame, offset
+
+
+def interrupted_there(exc: BaseException) -> BaseException:
+    """``exc`` as if raised in a frame interrupted at that instruction."""
+    frame, offset = frame_with_a_lineless_instruction()
+    lineless = TracebackType(None, frame, offset, -1)
+    assert lineless.tb_lineno is None  # what CPython 3.11 gives such an entry
+    tb = exc.__traceback__
+    assert tb is not None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    tb.tb_next = lineless
+    return exc
+
+
+def raised(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as e:
+        return e
+
+
+def test_an_entry_without_a_line_gets_the_line_of_its_statement() -> None:
+    exc = interrupted_there(raised(TimedOut("Timeout (>0.1s)")))
+    with pytest.raises(TypeError, match="NoneType"):  # pytest's report, unmended
+        pytest.ExceptionInfo.from_exception(exc).getrepr()
+    assert signals.mend_tracebacks(exc) == 1
+    tb = exc.__traceback__
+    lines = []
+    while tb is not None:
+        lines.append(tb.tb_lineno)
+        tb = tb.tb_next
+    code = frame_with_a_lineless_instruction.__code__
+    assert None not in lines
+    assert code.co_firstlineno < lines[-1] <= code.co_firstlineno + 6
+    assert "Timeout (>0.1s)" in str(pytest.ExceptionInfo.from_exception(exc).getrepr())
+
+
+def test_chained_exceptions_are_mended_too() -> None:
+    cause = interrupted_there(raised(RuntimeError("the loop stopped")))
+    exc = raised(TimedOut("Timeout (>0.1s)"))
+    exc.__context__ = cause
+    assert signals.mend_tracebacks(exc) == 1
+    assert "the loop stopped" in str(pytest.ExceptionInfo.from_exception(exc).getrepr())
