@@ -145,8 +145,8 @@ def _fail(message: str) -> None:
 
 
 class _TimeoutGuard:
-    """pytest-timeout's signal method, raised only while the test's own code runs
-    (harness.signals.TimeoutClock): a tiny --timeout never interrupts pytest's reporting.
+    """pytest-timeout's signal method, raised only where that is safe
+    (harness.signals.TimeoutClock): a tiny --timeout never breaks into pytest's own code.
     The thread method is left to pytest-timeout. The finalizer errors an interrupted test
     leaves are reported after the garbage collection that finds them
     (harness.signals.UnraisableAfterGC), never inside it."""
@@ -186,6 +186,11 @@ class _TimeoutGuard:
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
         self.unraisable.flush()
         with self.clock.running():
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_pyfunc_call(self, pyfuncitem: pytest.Function) -> Generator[None, None, None]:
+        with self.clock.interruptible():  # the test function itself
             return (yield)
 
     @pytest.hookimpl(tryfirst=True)

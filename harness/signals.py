@@ -9,11 +9,12 @@ SIGTERM reaches only the one it was sent to).
 
 pytest-timeout's signal method raises its timeout from a SIGALRM handler wherever the test
 process happens to be. At a tiny ``--timeout`` that is often inside pytest itself, building
-or sending a report (an exception in the middle of ``ast.parse`` even leaves CPython's
-parser state broken), and the run ends in INTERNALERROR. :class:`TimeoutClock` keeps the same
-timer but raises only while the test's own code runs (setup and call); an alarm that comes
-in between is kept and raised when the test's code runs next. Teardown is never
-interrupted: the harness bounds it itself (QEMU is asked to quit, then killed).
+or sending a report, or setting up a fixture, and the run ends in INTERNALERROR or with
+every later test failing. :class:`TimeoutClock` keeps the same timer but raises the timeout
+only where that is safe: at once only inside the test function, elsewhere in setup and
+call at the end of a harness wait (below) or of the phase; an alarm that comes between
+phases is kept for the next. Teardown is never interrupted: the harness bounds it itself
+(QEMU is asked to quit, then killed), as it bounds every wait of its own.
 
 Even inside the test's code some places must not be broken by an exception out of nowhere.
 Raised inside an asyncio loop, it lands in whichever task runs (QMP's reader or writer: the
@@ -87,18 +88,29 @@ def sigterm_as_ctrl_c(forward_to: Callable[[], list[int]] | None = None) -> Call
 
 
 class TimeoutClock:
-    """A per-test SIGALRM timer whose timeout is raised only while the test's code runs.
+    """A per-test SIGALRM timer whose timeout is raised only where that is safe.
 
-    ``fail`` raises the timeout (the plugin passes ``pytest.fail``); it is called from the
-    signal handler while :meth:`running` is active and no :func:`timeout_deferred` block
-    is, at the end of the outermost such block when the alarm came inside one, or at the
-    start of the next :meth:`running` block when the alarm came in between.
+    ``fail`` raises the timeout (the plugin passes ``pytest.fail``). A test's phases (setup,
+    call) run in :meth:`running` blocks; the test function itself in an
+    :meth:`interruptible` block inside one. When the alarm comes, the timeout is raised
+
+    * at once, inside :meth:`interruptible` (and no :func:`timeout_deferred` block);
+    * inside a :func:`timeout_deferred` block of a phase (a QMP call of a fixture, of the
+      test, of the harness's own end-of-test checks), at that block's end, after asking it
+      to stop;
+    * otherwise at the end of the phase, or at the start of the next one when it came in
+      between.
+
+    So pytest's own code in a phase (fixture bookkeeping, output capture) is never broken
+    into: an exception there left a fixture half set up, and every later test using it
+    failed with a bare AssertionError. A test that raised on its own keeps its error.
     """
 
     def __init__(self, fail: Callable[[str], Any]) -> None:
         self._fail = fail
         self._timeout = 0.0
-        self._armed = False
+        self._armed = False  # in a phase: the timeout may be raised at safe points
+        self._interruptible = False  # in the test function: it may be raised anywhere
         self._state = "off"  # off, counting, expired (pending), fired
         self._previous: Any = None
 
@@ -121,38 +133,54 @@ class TimeoutClock:
             signal.signal(signal.SIGALRM, self._previous)
         self._previous = None
         self._state = "off"
-        self._armed = False
+        self._armed = self._interruptible = False
         if _clock is self:
             _clock = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Around the test's own code (setup, call): the timeout may be raised here."""
+        """Around a phase of the test (setup, call): the timeout is raised at its safe
+        points, and at its end if it is still pending then (unless the phase raised)."""
         __tracebackhide__ = True
         self._armed = True
         self._raise_expired()
         try:
             yield
+            self._raise_expired()
         finally:
-            self._armed = False
+            self._armed = self._interruptible = False
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Around the test function, inside :meth:`running`: the timeout is raised at once
+        (outside :func:`timeout_deferred` blocks)."""
+        __tracebackhide__ = True
+        outer = self._interruptible
+        self._interruptible = self._armed
+        try:
+            self._raise_expired()
+            yield
+        finally:
+            self._interruptible = outer
 
     def _raise_expired(self) -> None:
         """Raise a timeout whose alarm came when it could not be raised, if it may be now."""
         __tracebackhide__ = True
         if self._state == "expired" and self._armed and not _deferring:
             self._state = "fired"
-            self._armed = False
+            self._armed = self._interruptible = False
             self._fail(self._message())
 
     def _alarm(self, signum: int, frame: FrameType | None) -> None:
         __tracebackhide__ = True
         if self._state != "counting":
             return
-        self._state = "expired"  # raised now if it may be, else when it may next
+        self._state = "expired"  # raised now if it may be, else at the next safe point
         if self._armed and _deferring:
             with contextlib.suppress(Exception):
                 _deferring[-1]()  # ask the code that must not be broken to stop
-        self._raise_expired()
+        elif self._interruptible:
+            self._raise_expired()
 
     def _message(self) -> str:
         return f"Timeout (>{self._timeout:g}s): the test ran longer than --timeout"

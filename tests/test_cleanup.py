@@ -294,3 +294,46 @@ def test_a_frame_without_a_line_number_is_reported(project: Project,
     assert result.ret == pytest.ExitCode.TESTS_FAILED, out
     assert "as if interrupted there" in out
     assert re.search(r"=+ 1 failed[^\n]* in [\d.]+s", out), out
+
+
+#: Fixtures that end just around a tiny --timeout: the alarm often comes while pytest sets
+#: up the next fixture or the test, which is where it broke pytest's fixture state.
+AROUND = '''
+import time
+
+import pytest
+
+
+@pytest.fixture
+def spins(request: pytest.FixtureRequest) -> float:
+    deadline = time.monotonic() + request.param
+    while time.monotonic() < deadline:
+        pass
+    return float(request.param)
+
+
+@pytest.fixture
+def depends(spins: float) -> float:
+    return spins
+
+
+@pytest.mark.parametrize("spins", [0.07 + i * 0.0015 for i in range(40)], indirect=True)
+def test_set_up_around_the_timeout(depends: float) -> None:
+    pass
+'''
+
+
+def test_a_timeout_in_setup_never_breaks_pytests_fixtures(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 8: raised while pytest itself set up a fixture, the timeout left that
+    fixture half set up, and every later test using it failed with a bare AssertionError
+    ('assert not self._finalizers'). Each test must pass or time out, nothing else."""
+    project.case("around", AROUND)
+    monkeypatch.setenv("COLUMNS", "400")  # whole short-summary lines
+    result = project.run("-n", "2", "--timeout", "0.1", "-p", "no:warnings")
+    out = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in out, out
+    failures = re.findall(r"^(?:FAILED|ERROR) .*$", out, re.MULTILINE)
+    assert [f for f in failures if " - Failed: Timeout (>0.1s)" not in f] == [], out
+    outcomes = result.parseoutcomes()
+    assert sum(outcomes.get(k, 0) for k in ("passed", "failed", "errors", "error")) == 40, out

@@ -44,10 +44,29 @@ def wait_for(flag: list[Any], bound: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def test_an_alarm_in_test_code_raises_there(clock: TimeoutClock) -> None:
+def test_an_alarm_in_the_test_function_raises_there(clock: TimeoutClock) -> None:
     clock.start(0.05)
-    with pytest.raises(TimedOut, match=r"Timeout \(>0.05s\)"), clock.running():
+    with (pytest.raises(TimedOut, match=r"Timeout \(>0.05s\)"), clock.running(),
+          clock.interruptible()):
         wait_for([])
+
+
+def test_an_alarm_elsewhere_in_a_phase_is_raised_at_its_end(clock: TimeoutClock) -> None:
+    """pytest's own code in a phase (fixture bookkeeping, capture) is never broken into:
+    an exception there left a fixture half set up and every later test failed."""
+    done: list[bool] = []
+    clock.start(0.05)
+    with pytest.raises(TimedOut), clock.running():
+        time.sleep(0.2)  # pytest setting up fixtures
+        done.append(True)
+    assert done == [True]
+
+
+def test_a_phase_that_failed_on_its_own_keeps_its_error(clock: TimeoutClock) -> None:
+    clock.start(0.05)
+    with pytest.raises(ValueError), clock.running():
+        time.sleep(0.2)
+        raise ValueError("the test's own failure")
 
 
 def test_an_alarm_in_a_deferred_block_interrupts_it_and_is_raised_at_its_end(
