@@ -113,6 +113,7 @@ class TimeoutClock:
         self._interruptible = False  # in the test function: it may be raised anywhere
         self._state = "off"  # off, counting, expired (pending), fired
         self._previous: Any = None
+        self.raised: BaseException | None = None  # the timeout, once raised
 
     @property
     def active(self) -> bool:
@@ -122,6 +123,7 @@ class TimeoutClock:
         global _clock
         self._timeout = timeout
         self._state = "counting"
+        self.raised = None
         self._previous = signal.signal(signal.SIGALRM, self._alarm)
         _clock = self
         signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -140,12 +142,23 @@ class TimeoutClock:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Around a phase of the test (setup, call): the timeout is raised at its safe
-        points, and at its end if it is still pending then (unless the phase raised)."""
+        points, and at its end if it is still pending then (unless the phase raised).
+
+        Once raised, the timeout is the phase's verdict: code that caught it (Hypothesis
+        takes pytest's ``Failed`` for a failing example) and then passed, or failed in
+        some other way because of it, ends with the timeout all the same."""
         __tracebackhide__ = True
         self._armed = True
         self._raise_expired()
         try:
             yield
+        except BaseException as e:
+            if self.raised is not None and e is not self.raised:
+                raise self.raised from e
+            raise
+        else:
+            if self.raised is not None:
+                raise self.raised
             self._raise_expired()
         finally:
             self._armed = self._interruptible = False
@@ -169,7 +182,11 @@ class TimeoutClock:
         if self._state == "expired" and self._armed and not _deferring:
             self._state = "fired"
             self._armed = self._interruptible = False
-            self._fail(self._message())
+            try:
+                self._fail(self._message())
+            except BaseException as e:
+                self.raised = e
+                raise
 
     def _alarm(self, signum: int, frame: FrameType | None) -> None:
         __tracebackhide__ = True

@@ -337,3 +337,30 @@ def test_a_timeout_in_setup_never_breaks_pytests_fixtures(
     assert [f for f in failures if " - Failed: Timeout (>0.1s)" not in f] == [], out
     outcomes = result.parseoutcomes()
     assert sum(outcomes.get(k, 0) for k in ("passed", "failed", "errors", "error")) == 40, out
+
+
+EXPLORE = '''
+from pathlib import Path
+
+from harness import explore
+from harness.session import Environment
+
+
+def test_explores_past_the_timeout(qio_env: Environment, tmp_path: Path) -> None:
+    out = explore.run(qio_env, tmp_path / "explore", explore.Budget(examples=8, steps=8))
+    assert out.failure is None, out.summary()
+'''
+
+
+def test_a_timeout_during_an_exploration_is_reported_as_the_timeout(
+        project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9 item 8: Hypothesis takes pytest's Failed for a failure of the example, and
+    the exploration reported it as its own finding ('explore: ... FAILED (Failed)', or
+    FlakyFailure when the replay passed)."""
+    project.case("explore", EXPLORE)
+    monkeypatch.setenv("COLUMNS", "400")  # whole short-summary lines
+    result = project.run("--timeout", "1", "-p", "no:warnings")
+    out = result.stdout.str() + result.stderr.str()
+    assert "FAILED cases/test_explore.py::test_explores_past_the_timeout - Failed: Timeout " \
+        "(>1s)" in out, out
+    assert "1 failed" in out, out

@@ -8,6 +8,7 @@ No test asserts on time: the waits are bounds, what is checked is where the time
 from __future__ import annotations
 
 import ast
+import contextlib
 import gc
 import os
 import sys
@@ -234,3 +235,22 @@ def test_chained_exceptions_are_mended_too() -> None:
     exc.__context__ = cause
     assert signals.mend_tracebacks(exc) == 1
     assert "the loop stopped" in str(pytest.ExceptionInfo.from_exception(exc).getrepr())
+
+
+def test_a_timeout_the_test_swallowed_is_its_verdict_all_the_same(clock: TimeoutClock) -> None:
+    """Hypothesis takes pytest's Failed for a failing example: the timeout was caught, and
+    the test passed or failed with an error of its own."""
+    clock.start(0.05)
+    with (pytest.raises(TimedOut), clock.running(), clock.interruptible(),
+          contextlib.suppress(TimedOut)):
+        wait_for([])
+
+
+def test_an_error_after_the_timeout_does_not_hide_it(clock: TimeoutClock) -> None:
+    clock.start(0.05)
+    with pytest.raises(TimedOut) as info, clock.running(), clock.interruptible():
+        try:
+            wait_for([])
+        except TimedOut:
+            raise AssertionError("explore: 0 examples: FAILED (Failed)") from None
+    assert isinstance(info.value.__cause__, AssertionError)
