@@ -43,6 +43,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Flaky
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -257,10 +258,12 @@ def render_case(steps: Sequence[Step], failure: str = "", qemu: str = "",
              "If QEMU is wrong, keep it as a known QEMU bug: decorate the test with",
              f"@pytest.mark.xfail(raises={error}, strict=False, reason=\"QEMU bug seen in "
              "<versions>: <why>\")", '"""', "", "import pytest", ""]
-    err_module = "harness.errors"
+    if error in _ERRORS:
+        by_module.setdefault("harness.errors", []).append(error)
     for module in sorted(by_module):
-        lines.append(f"from {module} import {', '.join(by_module[module])}")
-    lines.append(f"from {err_module} import {error}  # noqa: F401 (for the xfail marker)")
+        names = ", ".join(by_module[module])
+        noqa = "  # noqa: F401 (for the xfail marker)" if module == "harness.errors" else ""
+        lines.append(f"from {module} import {names}{noqa}")
     lines += ["from harness.session import Case", "", "",
               "@pytest.mark.quick", f"def {name}(qio: Case) -> None:"]
     for s in steps:
@@ -308,6 +311,7 @@ class World:
                 "nbd_server_start", "nbd_export_add", "nbd_export_del", "dirty_extents")}}
         self._pending: list[Stmt] = []
         self.last_check: Stmt | None = None
+        self.error: BaseException | None = None  # what failed this example
 
     # -- running calls ----------------------------------------------------------------------
 
@@ -337,8 +341,12 @@ class World:
         fn: Any = self.ns[head]
         for attr in rest:
             fn = getattr(fn, attr)
-        return fn(*[self._value(a) for a in c.args],
-                   **{k: self._value(v) for k, v in c.kwargs})
+        try:
+            return fn(*[self._value(a) for a in c.args],
+                      **{k: self._value(v) for k, v in c.kwargs})
+        except Exception as e:
+            self.error = e
+            raise
 
     def do(self, stmt: Stmt) -> Any:
         """Run a statement and keep it for the step being recorded."""
@@ -488,12 +496,21 @@ class World:
             assert self.vm is not None
             for node in sorted({n for n, _, _ in self.live_bitmaps()}):
                 self.last_check = Stmt(Call.of("qio.check_live", Expr("vm", self.vm), node))
-                self.case.check_live(self.vm, node, where="explore")
+                self.error = None
+                try:
+                    self.case.check_live(self.vm, node, where="explore")
+                except Exception as e:
+                    self.error = e
+                    raise
         else:
             for node in self.chain:
                 if self.stored_bitmaps(node):
                     self.last_check = Stmt(Call.of("qio.check_disk", self.file(node)))
-                    self.case.check_disk(self.file(node), where="explore")
+                    try:
+                        self.case.check_disk(self.file(node), where="explore")
+                    except Exception as e:
+                        self.error = e
+                        raise
         self.last_check = None
 
     def close(self, failed: bool) -> list[str]:
@@ -531,6 +548,9 @@ class Context:
     checks: int = 0  # bitmap checks the oracle made (live and on disk)
     started: float = field(default_factory=time.monotonic)
     last: World | None = None
+    #: the failing example with the fewest steps seen (for a failure Hypothesis could not
+    #: replay the same way: then its own shrunk example is not the one to print)
+    smallest: World | None = None
     on_example: Callable[[Context], None] | None = None
 
 
@@ -930,6 +950,10 @@ class BitmapMachine(RuleBasedStateMachine):
                 w.end_step("clean shutdown at the end")
                 w.check()
         finally:
+            if w.failed and w.error is not None and (
+                    ctx.smallest is None or len(failing_steps(w)) < len(failing_steps(
+                        ctx.smallest))):
+                ctx.smallest = w
             ctx.examples += 1
             ctx.steps += len(w.steps)
             ctx.longest = max(ctx.longest, len(w.steps))
@@ -1038,7 +1062,14 @@ def run(env: Environment, scratch: Path, budget: Budget,
     out = Outcome(ctx.examples, ctx.steps, ctx.longest, time.monotonic() - ctx.started,
                   ctx.checks)
     if failure is not None:
-        steps = failing_steps(ctx.last) if ctx.last is not None else []
+        shown = ctx.last
+        if isinstance(failure, Flaky) and ctx.smallest is not None \
+                and ctx.smallest.error is not None:
+            # QEMU did not replay a sequence the same way (Hypothesis gave up shrinking):
+            # print the smallest failing sequence actually seen, with its own error
+            shown = ctx.smallest
+            failure = ctx.smallest.error
+        steps = failing_steps(shown) if shown is not None else []
         out.failure = f"{type(failure).__name__}: {failure}"
         out.error = type(failure).__name__
         out.case_steps = sum(1 for s in steps if s.rule != "the oracle's check that failed")
