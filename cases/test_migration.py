@@ -23,6 +23,12 @@ was still on the way.
 and a bitmap, makes a transient bitmap persistent on the way and leaves the unlisted ones
 home (the persistent one then reaches the destination through the shared image).
 
+``test_guest_writes_while_migrating``: a real Linux guest (``harness/guest.py``) writes
+with ``dd oflag=direct`` through its virtio-blk disk while the migration is active, and on
+the destination once it has moved there (``dst.guest.continues_from(src.guest)``), in
+post-copy while its bitmaps are still on the way. Its requests are page-aligned, so the
+512-byte-granularity bitmap shows dirty bytes around a 1 KiB write (extra, not missing).
+
 Storage migration (``test_storage_migration_mirror``): each VM has its own image; the
 destination exports its own over NBD and the source mirrors into it before migrating, as
 libvirt does. The writes go through a virtio-blk device so that they pass the mirror's
@@ -78,15 +84,16 @@ RELEASED = 1 << 30
 
 
 def vm_for(qio: Case, name: str, image: str, incoming: str | None = None,
-           device: bool = False, node: str = NODE) -> VM:
+           device: bool = False, node: str = NODE, guest: bool = False) -> VM:
     """A VM on ``image`` (node ``node``); with ``device`` a virtio-blk device on it too,
-    whose writes pass through the filters a job inserts above the node (a mirror's)."""
+    whose writes pass through the filters a job inserts above the node (a mirror's);
+    with ``guest`` a Linux guest that writes through that device."""
     args = blockdev(qcow2_node(qio.path(image), node))
-    if device:
-        args += ["-device", f"virtio-blk-pci,drive={node},id=disk0"]
+    if device or guest:
+        args += ["-device", f"virtio-blk-pci,drive={node},id=disk0,serial=disk0"]
     if incoming is not None:
         args += ["-incoming", incoming]
-    return qio.vm(name, args=args, log_prefix=f"{name}: ")
+    return qio.vm(name, args=args, log_prefix=f"{name}: ", guest=guest)
 
 
 def add_bitmaps(vm: VM, device: bool = False) -> None:
@@ -591,3 +598,67 @@ def test_postcopy_source_killed(qio: Case) -> None:
     writes(dst, NODE, DURING, 0x55)
     dst.shutdown()
     qio.show_image_bitmaps("disk.qcow2")
+
+
+# -- a real Linux guest writes while it migrates ----------------------------------------------
+
+
+@pytest.mark.guest
+@pytest.mark.requires(qmp=["migrate-start-postcopy"],
+                      args=["migrate-set-parameters.max-postcopy-bandwidth",
+                            "migrate-set-parameters.downtime-limit"])
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy-bitmaps"])
+def test_guest_writes_while_migrating(qio: Case, postcopy: bool) -> None:
+    """A booted Linux guest writes with ``dd oflag=direct`` through its virtio-blk disk:
+    before the migration, while the pre-copy migration is active (throttled), and on the
+    destination once the guest has moved there (``postcopy-bitmaps``: while its bitmaps
+    are still on the way, the dirty-bitmaps capability alone, so the guest's RAM is all
+    there). The guest reads its writes back on the destination."""
+    size = POSTCOPY_SIZE if postcopy else SIZE
+    qio.img.create("disk.qcow2", size)
+    mig = f"unix:{qio.sockdir / 'mig.sock'}"
+    src = vm_for(qio, "src", "disk.qcow2", guest=True)
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming=mig, guest=True)
+    src.launch()
+    dst.launch()
+    for name, gran, persistent, _ in BITMAPS:
+        src.qmp_log("block-dirty-bitmap-add", node=NODE, name=name, granularity=gran,
+                    persistent=persistent)
+    src.guest.write(0, 0x10000, 0x11)
+    src.guest.write(0xA0200, 0x1000, 0x11)
+    for name, _, _, enabled in BITMAPS:
+        if not enabled:
+            src.qmp_log("block-dirty-bitmap-disable", node=NODE, name=name)
+
+    qio.log.heading("the guest writes while the migration is active")
+    for vm in (src, dst):
+        migration_caps(vm, events=True, dirty_bitmaps=True)
+    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED,
+                max_postcopy_bandwidth=THROTTLED, downtime_limit=10)
+    src.qmp_log("migrate", uri=mig)
+    assert wait_migration(src, until=("active",)) == "active"
+    src.guest.write(0x400000, 0x1000, 0x33)
+    src.guest.write(0x7FFE00, 0x400, 0x33)
+    if postcopy:
+        src.qmp_log("migrate-start-postcopy")
+    src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
+
+    qio.log.heading("the guest runs on the destination")
+    if postcopy:
+        assert wait_migration(src, until=("postcopy-active",)) == "postcopy-active"
+        dst.event_wait("RESUME")
+        dst.guest.continues_from(src.guest)
+        qio.show_bitmaps(dst, NODE, hashes=False)
+        dst.guest.write(0x200000, 0x20000, 0x44)  # the bitmaps are still on the way
+        src.qmp_log("migrate-set-parameters", max_postcopy_bandwidth=RELEASED)
+    assert wait_migration(src) == "completed"
+    assert wait_migration(dst) == "completed"
+    if not postcopy:
+        dst.guest.continues_from(src.guest)
+        qio.check_live(dst, NODE)
+        dst.guest.write(0x200000, 0x20000, 0x44)
+    qio.show_bitmaps(dst, NODE, hashes=False)
+    dst.guest.checksum(0x400000, 0x1000)
+    dst.guest.checksum(0x200000, 0x20000)
+    src.shutdown()
+    dst.shutdown()
