@@ -43,7 +43,6 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import build as qemu_build
+from harness import processes
 from harness.errors import ConfigError
 
 # exit statuses `git bisect run` understands
@@ -64,6 +64,7 @@ QEMU_ENV_VARS = ("QEMU_PROG", "QEMU_IMG_PROG", "QEMU_IO_PROG", "QEMU_NBD_PROG", 
 DEFAULT_PYTEST_ARGS = ("cases",)
 STEP_LINE = "step"  # how the step's one line for git's log starts
 STOP_GRACE = 30.0  # seconds an interrupted child gets to tear down (pytest stops its VMs)
+GIT_TIMEOUT = 600.0  # seconds one git command may take (a checkout of a big tree on a slow disk)
 
 Progress = Callable[[str], None]
 
@@ -340,43 +341,16 @@ def run_child(argv: Sequence[str], *, cwd: str | Path, log: Path,
               on_line: Callable[[str], None] | None = None) -> int:
     """Run ``argv`` with its output appended to ``log``; its exit status (-N: signal N).
 
-    The child gets its own process group, so a Ctrl-C in the terminal reaches only us; if
-    we are interrupted (KeyboardInterrupt, or SIGTERM turned into one), the child's whole
-    group gets SIGINT (pytest then stops its VMs), ``STOP_GRACE`` seconds, then SIGKILL.
+    The child gets its own process group (:func:`harness.processes.run_logged`), so a
+    Ctrl-C in the terminal reaches only us; if we are interrupted (KeyboardInterrupt, or
+    SIGTERM turned into one), the child's whole group gets SIGINT (pytest then stops its
+    VMs), ``STOP_GRACE`` seconds, then SIGKILL.
     """
     with log.open("ab") as out:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if on_line else out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            if on_line is not None and proc.stdout is not None:
-                for raw in proc.stdout:
-                    out.write(raw)
-                    out.flush()
-                    on_line(raw.decode(errors="replace").rstrip("\n"))
-            return proc.wait()
-        except BaseException:
-            stop_group(proc)
-            raise
-
-
-def stop_group(proc: subprocess.Popen[Any], grace: float = STOP_GRACE) -> None:
-    """SIGINT to ``proc``'s process group, wait until it is empty, SIGKILL what is left."""
-    pgid = proc.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    proc.wait()
+        status = processes.run_logged(argv, out, cwd=cwd, env=env, on_line=on_line,
+                                      grace=STOP_GRACE)
+    assert status is not None  # waited without a bound
+    return status
 
 
 @contextlib.contextmanager
@@ -401,12 +375,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def git(src: str | Path, *args: str, check: bool = True) -> str:
     """``git -C src ARGS``; its stdout, stripped. ConfigError with git's words on failure."""
-    cp = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True,
-                        stdin=subprocess.DEVNULL, check=False)
-    if check and cp.returncode != 0:
+    cp = _git(src, *args)
+    if check and cp.status != 0:
         msg = (cp.stderr.strip() or cp.stdout.strip()).splitlines()
+        if cp.timed_out:
+            msg = [f"did not finish within {GIT_TIMEOUT:g} s; killed it"]
         raise ConfigError(f"git {' '.join(args)} in {src}: {msg[-1] if msg else 'failed'}")
     return cp.stdout.strip()
+
+
+def _git(src: str | Path, *args: str) -> processes.Finished:
+    return processes.run(["git", "-C", str(src), *args], GIT_TIMEOUT, label="git")
 
 
 def subject(src: str | Path, rev: str) -> str:
@@ -428,9 +407,8 @@ def check_tree(src: Path) -> None:
 
 
 def resolve_commit(src: Path, rev: str, what: str) -> str:
-    cp = subprocess.run(["git", "-C", str(src), "rev-parse", "--verify", "-q",
-                         f"{rev}^{{commit}}"], capture_output=True, text=True, check=False)
-    if cp.returncode != 0:
+    cp = _git(src, "rev-parse", "--verify", "-q", f"{rev}^{{commit}}")
+    if cp.status != 0:
         raise ConfigError(f"{what} {rev}: not a commit in {src}")
     return cp.stdout.strip()
 
@@ -672,9 +650,7 @@ def bisect(src: str | Path, good: str, bad: str, *, pytest_args: Sequence[str] =
     bad_sha = resolve_commit(srcp, bad, "--bad")
     if good_sha == bad_sha:
         raise ConfigError(f"--good {good} and --bad {bad} are the same commit")
-    ancestor = subprocess.run(["git", "-C", str(srcp), "merge-base", "--is-ancestor",
-                               good_sha, bad_sha], capture_output=True, check=False)
-    if ancestor.returncode != 0:
+    if _git(srcp, "merge-base", "--is-ancestor", good_sha, bad_sha).status != 0:
         raise ConfigError(f"--good {good} is not an ancestor of --bad {bad}")
     work = _outside(Path(workdir) if workdir else default_workdir(srcp), srcp, "--workdir")
     build = _outside(Path(build_dir) if build_dir else work / "build", srcp, "--build")

@@ -37,13 +37,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import processes
 from harness.errors import ConfigError, HarnessError, format_argv
 
 PROGRAMS = ("qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon")
@@ -67,6 +67,10 @@ DEB_DEPS = ("gcc", "g++", "gcc-multilib", "make", "binutils", "pkg-config", "mes
             "ninja-build", "flex", "bison", "python3", "python3-venv", "libglib2.0-dev",
             "libpixman-1-dev", "zlib1g-dev", "libslirp-dev", "libfdt-dev", "libzstd-dev",
             "libaio-dev", "seabios", "ipxe-qemu")
+#: Bounds for the programs the build asks things (git describe, --version, dpkg-query)
+#: and for package installs (apt-get, pip); a build step itself has none.
+QUERY_TIMEOUT = 60.0
+INSTALL_TIMEOUT = 1800.0
 STAMP = ".qiotests-build"
 CONFIGURE_LOG = "qiotests-configure.log"
 NINJA_LOG = "qiotests-ninja.log"
@@ -262,11 +266,10 @@ class SourceTree:
 
     def tree_id(self) -> str:
         """Inode and birth time (ctime where the file system has none) of the root dir."""
-        cp = subprocess.run(["stat", "-c", "%i %.9W", str(self.path)], capture_output=True,
-                            text=True, check=False)
+        cp = _query(["stat", "-c", "%i %.9W", str(self.path)])
         out = cp.stdout.strip()
         birth = out.split(" ", 1)[1] if " " in out else "-"
-        if cp.returncode != 0 or birth.startswith(("0", "-")):
+        if cp.status != 0 or birth.startswith(("0", "-")):
             st = self.path.stat()
             return f"{st.st_ino} {st.st_ctime_ns // 10**9}.{st.st_ctime_ns % 10**9:09d}"
         return out
@@ -276,9 +279,20 @@ def git_describe(path: Path) -> str | None:
     """``git describe --tags --always --dirty`` of a git tree, None for other trees."""
     if not (path / ".git").exists() or shutil.which("git") is None:
         return None
-    cp = subprocess.run(["git", "-C", str(path), "describe", "--tags", "--always", "--dirty"],
-                        capture_output=True, text=True, check=False)
-    return cp.stdout.strip() or None if cp.returncode == 0 else None
+    cp = _query(["git", "-C", str(path), "describe", "--tags", "--always", "--dirty"])
+    return cp.stdout.strip() or None if cp.status == 0 else None
+
+
+def _query(argv: Sequence[str]) -> processes.Finished:
+    """A short program the build asks something, bounded (own group, file-size limit)."""
+    return processes.run(argv, QUERY_TIMEOUT, label=Path(argv[0]).name)
+
+
+def _last_words(cp: processes.Finished, timeout: float) -> str:
+    """The last line a failed program wrote to stderr, or that it hung."""
+    if cp.timed_out:
+        return f"did not finish within {timeout:g} s; killed it"
+    return (cp.stderr.strip().splitlines() or ["?"])[-1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,8 +303,7 @@ def missing_deb_packages(packages: Sequence[str] = DEB_DEPS) -> list[str]:
     """The Debian packages of `packages` not installed (empty off Debian/Ubuntu)."""
     if shutil.which("dpkg-query") is None:
         return []
-    cp = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *packages],
-                        capture_output=True, text=True, check=False)
+    cp = _query(["dpkg-query", "-W", "-f", "${Package} ${Status}\n", *packages])
     ok = {ln.split()[0] for ln in cp.stdout.splitlines() if ln.endswith("install ok installed")}
     return [p for p in packages if p not in ok]
 
@@ -302,20 +315,20 @@ def install_deb_packages(missing: Sequence[str]) -> None:
         raise ConfigError("build-qemu: missing build dependencies; as root run: "
                           f"apt-get update && {format_argv(cmd)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(cmd, env=env, capture_output=True, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        cp = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if cp.returncode != 0:
+    if processes.run(cmd, INSTALL_TIMEOUT, label="apt-get", env=env).status != 0:
+        processes.run(["apt-get", "update", "-q"], INSTALL_TIMEOUT, label="apt-get", env=env)
+        cp = processes.run(cmd, INSTALL_TIMEOUT, label="apt-get", env=env)
+        if cp.status != 0:
             raise ConfigError(f"build-qemu: {format_argv(cmd)} failed: "
-                              + (cp.stderr.strip().splitlines() or ["?"])[-1])
+                              + _last_words(cp, INSTALL_TIMEOUT))
 
 
 def system_meson_version() -> tuple[int, ...]:
     exe = shutil.which("meson")
     if exe is None:
         return ()
-    cp = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
-    return parse_version(cp.stdout) if cp.returncode == 0 else ()
+    cp = _query([exe, "--version"])
+    return parse_version(cp.stdout) if cp.status == 0 else ()
 
 
 def cache_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -330,8 +343,8 @@ def meson_python(need: MesonNeed, cache: Path) -> Path:
     python = venv / "bin" / "python3"
     probe = [str(python), "-c", "import mesonbuild.coredata as c; print(c.version)"]
     if python.exists():
-        cp = subprocess.run(probe, capture_output=True, text=True, check=False)
-        if cp.returncode == 0 and cp.stdout.strip() == need.installed:
+        cp = _query(probe)
+        if cp.status == 0 and cp.stdout.strip() == need.installed:
             return python
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -339,12 +352,11 @@ def meson_python(need: MesonNeed, cache: Path) -> Path:
               str(venv)],
              [str(venv / "bin" / "pip"), "install", "-q", f"meson=={need.installed}"]]
     for argv in steps:
-        cp = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if cp.returncode != 0:
+        cp = processes.run(argv, INSTALL_TIMEOUT, label="meson venv")
+        if cp.status != 0:
             shutil.rmtree(venv, ignore_errors=True)
             raise ConfigError(f"build-qemu: the tree needs meson >= {need.accepted} and "
-                              f"{format_argv(argv)} failed: "
-                              + (cp.stderr.strip().splitlines() or ["?"])[-1])
+                              f"{format_argv(argv)} failed: " + _last_words(cp, INSTALL_TIMEOUT))
     return python
 
 
@@ -375,8 +387,8 @@ def ccache_stats() -> dict[str, int]:
     exe = shutil.which("ccache")
     if exe is None:
         return {}
-    cp = subprocess.run([exe, "--print-stats"], capture_output=True, text=True, check=False)
-    return parse_ccache_stats(cp.stdout) if cp.returncode == 0 else {}
+    cp = _query([exe, "--print-stats"])
+    return parse_ccache_stats(cp.stdout) if cp.status == 0 else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,21 +456,11 @@ def configure_flags(src: SourceTree, python: Path | None,
 def _run_logged(argv: Sequence[str], cwd: Path, log: Path, progress: Progress | None,
                 step: str) -> None:
     """Run `argv` with its output in `log` (each line also to `progress`); raise on failure."""
-    with log.open("w") as f:
-        f.write(f"$ {format_argv(argv)}\n")
-        f.flush()
-        proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                                errors="replace", env={**os.environ, "LANG": "C",
-                                                       "LC_ALL": "C"})
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                f.write(line)
-                if progress is not None:
-                    progress(line.rstrip("\n"))
-        finally:
-            status = proc.wait()
+    with log.open("wb") as f:
+        f.write(f"$ {format_argv(argv)}\n".encode())
+        status = processes.run_logged(argv, f, label=step, cwd=cwd,
+                                      env={**os.environ, "LANG": "C", "LC_ALL": "C"},
+                                      on_line=progress)
     if status != 0:
         raise BuildError(step, log, status, first_error(log.read_text(errors="replace")))
 
@@ -538,8 +540,7 @@ def build_qemu(src_path: Path, build: Path, jobs: int | None = None,
     for prog in PROGRAMS:
         if not os.access(build / prog, os.X_OK):
             raise ConfigError(f"build-qemu: {build / prog} is missing after the build")
-    version_line = subprocess.run([str(build / "qemu-img"), "--version"], capture_output=True,
-                                  text=True, check=False).stdout.partition("\n")[0]
+    version_line = _query([str(build / "qemu-img"), "--version"]).stdout.partition("\n")[0]
     return BuildResult(
         src=src, build=build, decision=decision, flags=flags,
         ccache=compiler_wrapper(build), ccache_hits=ccache_hits(before, after) if ccache else None,
@@ -582,9 +583,9 @@ def build_option_roms(src: Path, build: Path) -> list[str]:
                 "(cc -m32 must link: gcc-multilib; then remove the build dir); -kernel boots "
                 "will fail"]
     log = build / "qiotests-optionrom.log"
-    with log.open("w") as f:
-        status = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False,
-                                env={**os.environ, "LANG": "C"}).returncode
+    with log.open("wb") as f:
+        status = processes.run_logged(argv, f, label="option ROM build",
+                                      env={**os.environ, "LANG": "C"})
     if status != 0:
         raise BuildError("option ROM build", log, status, first_error(log.read_text()))
     return [f"option ROMs built in {out}"]
@@ -592,8 +593,7 @@ def build_option_roms(src: Path, build: Path) -> list[str]:
 
 def firmware_search_dirs(build: Path) -> list[Path]:
     """The dirs ``qemu-system-x86_64 -L help`` lists that lie inside the build tree."""
-    cp = subprocess.run([str(build / "qemu-system-x86_64"), "-L", "help"], capture_output=True,
-                        text=True, check=False, stdin=subprocess.DEVNULL)
+    cp = _query([str(build / "qemu-system-x86_64"), "-L", "help"])
     dirs = []
     for line in cp.stdout.splitlines():
         p = Path(line.strip())

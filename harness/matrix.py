@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from harness import processes
 from harness.errors import ConfigError
 
 # (suite or suite=version, label): the rows of the matrix, oldest first
@@ -41,6 +41,7 @@ SOURCES: tuple[tuple[str, str], ...] = (
     ("sid=1:10.2.2+ds-1", "10.2"),   # the newest whose source downloads here (sid's 11.1: 404)
 )
 MIRROR = "http://deb.debian.org/debian"
+STOP_GRACE = 30.0  # seconds an interrupted pytest run gets to stop its VMs
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
@@ -140,7 +141,7 @@ def fetch(row: Row, layout: Layout, log: Path) -> str:
             shutil.rmtree(leftover)
     how = "unpacked"
     dscs = sorted(dl.glob("*.dsc"))
-    with log.open("a") as f:
+    with log.open("ab") as f:
         if dscs:
             _run(["dpkg-source", "--no-check", "-x", dscs[-1].name], dl, f)
         else:
@@ -163,13 +164,12 @@ def fetch(row: Row, layout: Layout, log: Path) -> str:
     return how
 
 
-def _run(argv: list[str], cwd: Path, out: IO[str]) -> None:
-    cp = subprocess.run(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, check=False,
-                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    if cp.returncode != 0:
+def _run(argv: list[str], cwd: Path, out: IO[bytes]) -> None:
+    status = processes.run_logged(argv, out, cwd=cwd,
+                                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if status != 0:
         raise ConfigError(f"matrix: {' '.join(argv[:1] + argv[-2:])} failed "
-                          f"(exit status {cp.returncode}) in {cwd}")
+                          f"(exit status {status}) in {cwd}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,9 +279,10 @@ def run_suite(row: Row, layout: Layout, jobs: int, pytest_args: Sequence[str],
     argv = [sys.executable, "-m", "pytest", "cases", "-n", str(jobs), "-p", "no:cacheprovider",
             "--qemu-build", str(layout.build(row.label)), f"--junitxml={xml}", "-rfEX",
             *pytest_args]
-    with txt.open("w") as f:
-        subprocess.run(argv, cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL, check=False)
+    with txt.open("wb") as f:
+        # SIGINT first when interrupted: the pytest run stops its VMs
+        processes.run_logged(argv, f, label=f"pytest ({row.label})", cwd=cwd,
+                             grace=STOP_GRACE)
     text = txt.read_text(errors="replace")
     if not xml.is_file():
         tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]

@@ -5,7 +5,8 @@ killed: a QEMU that starts helpers of its own takes them with it. Three layers m
 nothing is left:
   * each child gets ``PR_SET_PDEATHSIG = SIGKILL``: if the pytest (or xdist worker) process
     dies for any reason, the kernel kills its QEMU children;
-  * each owner (a Machine, a qemu-nbd run, :func:`run`) stops its group in ``finally``;
+  * each owner (a Machine, a qemu-nbd run, :func:`run`, :func:`run_logged`) stops its
+    group in ``finally``;
   * this registry lets the session end check that nothing is still alive, and an ``atexit``
     hook kills whatever is left if Python exits with children still registered.
 
@@ -32,7 +33,8 @@ import signal
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -300,8 +302,8 @@ def exited(proc: subprocess.Popen[Any]) -> bool:
     return info is not None
 
 
-def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> int | None:
-    """Wait for ``proc`` to exit; its status, or None after ``timeout``.
+def wait_exit(proc: subprocess.Popen[Any], timeout: float | None) -> int | None:
+    """Wait for ``proc`` to exit; its status, or None after ``timeout`` (None: no bound).
 
     When it has exited, what is left of its process group (children it started) is
     killed before it is reaped: until then its pid, and so the group id, cannot be reused.
@@ -360,6 +362,72 @@ def run(argv: Sequence[str], timeout: float, *, label: str = "", cwd: str | Path
                 wait_exit(proc, 5.0)
             REGISTRY.forget(proc.pid)
         return Finished(argv, status, _read(out), _read(err), status is None)
+
+
+def run_logged(argv: Sequence[str], log: IO[bytes], *, label: str = "",
+               cwd: str | Path | None = None, env: dict[str, str] | None = None,
+               on_line: Callable[[str], None] | None = None, grace: float = 0.0) -> int | None:
+    """Run a long program (a build step, apt-get, a pytest run) to its end, its output
+    appended to ``log`` (and each line, when ``on_line`` is given, passed to it); its exit
+    status (-N: signal N).
+
+    Like every child, it runs in its own process group with the file-size limit and dies
+    with us. If we are interrupted meanwhile (Ctrl-C, a SIGTERM turned into one), its
+    group is stopped (:func:`stop_group`: SIGINT, ``grace`` seconds, SIGKILL) before the
+    interruption goes on.
+    """
+    log.flush()
+    proc = REGISTRY.spawn(argv, label or str(argv[0]),
+                          stdout=subprocess.PIPE if on_line is not None else log,
+                          stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        if on_line is not None and proc.stdout is not None:
+            for raw in proc.stdout:
+                log.write(raw)
+                log.flush()
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+        status = wait_exit(proc, None)
+    except BaseException:
+        stop_group(proc, grace)
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    REGISTRY.forget(proc.pid)
+    return status
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float = 0.0) -> int | None:
+    """Stop ``proc``'s process group: SIGINT first (a pytest run then stops its VMs), up to
+    ``grace`` seconds for the whole group to end, then SIGKILL for what is left; reaps
+    ``proc`` and returns its status."""
+    if grace > 0:
+        kill_group(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (not exited(proc) or group_members(proc.pid)):
+            time.sleep(0.05)
+    kill_group(proc.pid)
+    status = wait_exit(proc, 10.0)
+    if status is not None:
+        REGISTRY.forget(proc.pid)
+    return status
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of group ``pgid`` other than its leader (from ``/proc``)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pgid:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields[0] is field 3 (state); field 5 (pgrp) is fields[2]
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in "ZX":
+            members.append(int(entry))
+    return members
 
 
 def _read(f: IO[bytes]) -> str:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -203,3 +204,22 @@ sleep 600 &
 echo $! > "{pidfile}"
 exec sleep 600
 '''
+
+
+#: A child that says what it was started with: its RLIMIT_FSIZE and whether it leads its
+#: own process group ("child: 4294967296 True").
+CHILD_REPORT = [sys.executable, "-c", "import os, resource; print('child:', "
+                "resource.getrlimit(resource.RLIMIT_FSIZE)[0], os.getpgid(0) == os.getpid())"]
+
+
+def child_report(log: Path) -> tuple[int, bool]:
+    """(file-size limit, own process group) from the CHILD_REPORT line in ``log``."""
+    line = next(ln for ln in log.read_text().splitlines() if ln.startswith("child: "))
+    limit, own = line.split()[1:]
+    return int(limit), own == "True"
+
+
+def leaves_a_grandchild(pidfile: Path, then: str = "sleep 5") -> list[str]:
+    """A child that starts ``sleep 600`` (its pid in ``pidfile``), prints a line, then
+    runs ``then``."""
+    return ["sh", "-c", f"sleep 600 & echo $! > {pidfile}; echo started; {then}"]

@@ -37,9 +37,9 @@ from typing import Any
 import pytest
 
 from harness import bisect as bs
-from harness import cli
+from harness import cli, processes
 from harness.errors import ConfigError
-from tests.conftest import REPO
+from tests.conftest import CHILD_REPORT, REPO, child_report
 
 BUILD_PY = r'''#!/usr/bin/env python3
 """Synthetic QEMU build: wrappers around the installed programs, per settings.json."""
@@ -459,3 +459,11 @@ def test_bad_options(synth: Synth, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="are the same commit"):
         bs.bisect(synth.path, "master", "master")
     assert os.listdir(synth.path.parent) == ["qemu"]
+
+
+def test_a_step_child_gets_the_file_size_limit(tmp_path: Path) -> None:
+    """Issue 9 item 9: the build and the pytest run of a bisect step ran without the
+    file-size limit; a bisect is where a QEMU of unknown quality runs."""
+    log = tmp_path / "child.log"
+    assert bs.run_child(CHILD_REPORT, cwd=tmp_path, log=log) == 0
+    assert child_report(log) == (processes.max_file_size(), True)

@@ -17,8 +17,16 @@ from pathlib import Path
 import pytest
 
 from harness import build as qbuild
+from harness import processes
 from harness.build import Reuse, first_error, reuse_decision, stamp_text
-from tests.conftest import REPO, fake_program
+from tests.conftest import (
+    CHILD_REPORT,
+    REPO,
+    child_report,
+    fake_program,
+    leaves_a_grandchild,
+    wait_pid_gone,
+)
 
 NINJA_LOG = """\
 [1/1551] Generating qemu-version.h with a custom command (wrapped by meson to capture output)
@@ -290,3 +298,25 @@ def test_edk2_placeholders_only_after_configure_asks_for_them(tmp_path: Path) ->
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "1 empty edk2 placeholders in " in cp.stdout
     assert (src / "pc-bios" / "edk2-a-code.fd.bz2").stat().st_size == 0
+
+
+def test_a_build_step_runs_in_its_own_group_with_the_file_size_limit(tmp_path: Path) -> None:
+    """Issue 9 (items 2 and 9): build steps ran through plain subprocess, in our process
+    group and without the file-size limit every program the harness starts gets."""
+    log = tmp_path / "step.log"
+    qbuild._run_logged(CHILD_REPORT, tmp_path, log, None, "probe")
+    assert child_report(log) == (processes.max_file_size(), True)
+
+
+def test_an_interrupted_build_step_takes_its_children_along(tmp_path: Path) -> None:
+    """Ctrl-C during a build step: the step's whole group goes (it waited for the step to
+    end on its own, and its children ran on)."""
+    pidfile = tmp_path / "grandchild.pid"
+
+    def ctrl_c(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qbuild._run_logged(leaves_a_grandchild(pidfile), tmp_path, tmp_path / "step.log",
+                           ctrl_c, "probe")
+    assert wait_pid_gone(int(pidfile.read_text()))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import matrix
+from harness import matrix, processes
 from harness.errors import ConfigError
 from harness.matrix import Outcome, Row
+from tests.conftest import CHILD_REPORT, child_report
 
 
 def test_the_table_names_what_apt_is_asked_for() -> None:
@@ -86,3 +87,12 @@ def test_xpassed_count_from_the_last_summary_line() -> None:
     assert matrix.xpassed_count(out) == 1
     assert matrix.xpassed_count("== 3 passed in 1.0s ==\n") == 0
     assert matrix.xpassed_count("") == 0
+
+
+def test_apt_and_dpkg_steps_run_in_their_own_group_with_the_file_size_limit(
+        tmp_path: Path) -> None:
+    """Issue 9 (items 2 and 9): the fetch steps ran through plain subprocess."""
+    log = tmp_path / "fetch.log"
+    with log.open("ab") as f:
+        matrix._run(CHILD_REPORT, tmp_path, f)
+    assert child_report(log) == (processes.max_file_size(), True)
