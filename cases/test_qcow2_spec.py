@@ -17,6 +17,7 @@ the spec says and is kept as a non-strict xfail with the versions it was seen on
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,9 +131,66 @@ def qemu_view(qio: Case, w: Written, read_only: bool, write: bool = False) -> No
         assert flagged == sorted(want), f"in_use on disk while QEMU has the image " \
             f"open read-write: {flagged}, expected {sorted(want)}"
     if write:
-        vm.qemu_io("disk", "write -P 0x5a 0x3000 0x1000", log=True)
+        off, proves = clean_granule(w)
+        qio.log.log(f"{vm.name}: write at {off:#x}, a granule clean in "
+                    f"{', '.join(map(short, proves))}: each must record it" if proves else
+                    f"{vm.name}: write at {off:#x} (no bitmap is auto and consistent)")
+        vm.qemu_io("disk", f"write -P 0x5a {off:#x} 0x200", log=True)
         qio.oracle.check_exact(vm, "disk", sorted(want), where="after a write")
     vm.shutdown()
+
+
+def clean_granule(w: Written) -> tuple[int, list[str]]:
+    """A 512-byte write inside the disk that lands in a granule the most enabled bitmaps
+    (``auto``, not ``in_use``) have clean, and those bitmaps: after it, only a bitmap
+    that really records can pass the exact check (a write into an already dirty granule
+    proves nothing). Candidates: 0 and the first granule after each dirty range."""
+    enabled = [b for b in w.bitmaps if b.auto and not b.in_use and b.dirty is not None]
+    last = (w.virtual_size - 0x200) // 0x200 * 0x200
+    candidates = {0, last}
+    for b in enabled:
+        for off, length in b.dirty or ():
+            nxt = -(-(off + length) // b.granularity) * b.granularity
+            if nxt <= last:
+                candidates.add(nxt)
+
+    def clean_in(off: int) -> list[str]:
+        return [b.name for b in enabled
+                if not any(o // b.granularity <= (off + 0x1ff) // b.granularity
+                           and off // b.granularity <= (o + n - 1) // b.granularity
+                           for o, n in b.dirty or ())]
+    best = max(sorted(candidates), key=lambda off: len(clean_in(off)))
+    return best, clean_in(best)
+
+
+def ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def measure_view(qio: Case, w: Written) -> None:
+    """``qemu-img measure``'s "bitmaps size" is what a copy's bitmaps may take: each
+    bitmap QEMU loads fully allocated in 64 KiB clusters (the target's default), its
+    table, and the directory, computed here from the encoding; the clusters ``convert
+    --bitmaps`` really used for them (read from the copy) must fit in it."""
+    res = qio.img.run("measure", "--output=json", "-O", "qcow2", DISK)
+    got = json.loads(res.stdout).get("bitmaps")
+    cs = 65536
+    want, directory = 0, 0
+    for b in w.bitmaps if w.autoclear else ():
+        clusters = ceil_div(ceil_div(ceil_div(w.virtual_size, b.granularity), 8), cs)
+        want += clusters * cs + ceil_div(clusters * 8, cs) * cs
+        directory += ceil_div(24 + len(b.name.encode()), 8) * 8
+    want += ceil_div(directory, cs) * cs
+    copy = Qcow2Image.open(qio.path("copy.qcow2"))
+    ext = copy.bitmaps_extension
+    used = 0 if ext is None else ceil_div(ext.bitmap_directory_size, cs) * cs
+    for cb in copy.bitmaps:
+        used += ceil_div(cb.table_size * 8, cs) * cs
+        used += cs * sum(1 for e in cb.table if e.kind == "data")
+    qio.log.log(f"qemu-img measure: bitmaps size {got} (computed from the encoding "
+                f"{want}); the copy's bitmaps use {used}")
+    assert got == want, f"qemu-img measure says bitmaps size {got}, the encoding needs {want}"
+    assert used <= got, f"convert --bitmaps used {used} bytes for bitmaps, measure said {got}"
 
 
 def copies_view(qio: Case, w: Written) -> None:
@@ -142,6 +200,7 @@ def copies_view(qio: Case, w: Written) -> None:
                 "copy.qcow2", log=True)
     if any(not b.in_use for b in w.bitmaps):
         qio.oracle.check_disk("copy.qcow2", where="convert --bitmaps copy", exact=True)
+    measure_view(qio, w)
     usable = [b for b in w.bitmaps if not b.in_use]
     for b in usable[:1] + usable[1:][-1:]:
         qio.img.create("merged.qcow2", w.virtual_size)
