@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from harness.actions import writes
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.errors import MachineError
 from harness.session import Case
 from harness.vm import VM
@@ -27,11 +27,6 @@ REGIONS2 = ((0x10000000, 0x20000), (0x3FFF0000, 0x10000))
 DEVICE = "disk0/virtio-backend"
 
 
-def make_vm(qio: Case, read_only: bool) -> VM:
-    node = qcow2_node(qio.path("disk.qcow2"), "drive0", read_only=read_only)
-    return qio.vm("vm0", args=[*blockdev(node), "-device", "virtio-blk-pci,drive=drive0,id=disk0"])
-
-
 def write_regions(vm: VM, regions: tuple[tuple[int, int], ...]) -> None:
     writes(vm, DEVICE, regions, pattern=None, device=True)
 
@@ -40,15 +35,9 @@ def hash_of(vm: VM) -> str:
     return str(vm.qmp("x-debug-block-dirty-bitmap-sha256", node="drive0", name="bitmap0")["sha256"])
 
 
-@pytest.fixture
-def disk(qio: Case) -> None:
-    qio.img.create("disk.qcow2", DISK_SIZE)
-
-
-@pytest.mark.usefixtures("disk")
 def test_persistent(qio: Case) -> None:
     qio.log.heading("read-write VM: add a persistent bitmap and write")
-    vm = make_vm(qio, read_only=False)
+    vm = qio.vm_on("disk.qcow2", create=DISK_SIZE, device=True)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="drive0", name="bitmap0", persistent=True)
     write_regions(vm, REGIONS1)
@@ -62,7 +51,7 @@ def test_persistent(qio: Case) -> None:
     assert [b.flags for b in stored] == [("auto",)]
 
     qio.log.heading("read-only VM: the bitmap loads, nothing is lost at close")
-    ro = make_vm(qio, read_only=True)
+    ro = qio.vm_on("disk.qcow2", read_only=True, device=True)
     ro.launch()
     qio.show_bitmaps(ro, "drive0")
     assert hash_of(ro) == h1
@@ -90,10 +79,9 @@ def test_persistent(qio: Case) -> None:
     assert not b.in_use
 
 
-@pytest.mark.usefixtures("disk")
 def test_reopen_rw(qio: Case) -> None:
     qio.log.heading("hashes of REGIONS1 and REGIONS1+REGIONS2")
-    vm = make_vm(qio, read_only=False)
+    vm = qio.vm_on("disk.qcow2", create=DISK_SIZE, device=True)
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="drive0", name="bitmap0", persistent=True)
     write_regions(vm, REGIONS1)
@@ -108,7 +96,7 @@ def test_reopen_rw(qio: Case) -> None:
     vm.shutdown()
 
     qio.log.heading("read-only VM: writes are refused and the bitmap does not change")
-    ro = make_vm(qio, read_only=True)
+    ro = qio.vm_on("disk.qcow2", read_only=True, device=True)
     ro.launch()
     assert hash_of(ro) == h1
     for off, length in REGIONS2:

@@ -14,12 +14,10 @@ base) during the active commit, and the base again after ``job-complete``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from harness.actions import guest_writes
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.session import Case
 from harness.vm import VM
 
@@ -37,32 +35,6 @@ RESTARTS = {
     "restart-after-final-writes": ("final",),
     "restart-everywhere": ("snapshot", "commit", "final"),
 }
-
-
-def device_args() -> list[str]:
-    return ["-device", "virtio-blk-pci,drive=top,id=disk0"]
-
-
-def base_vm(qio: Case, name: str = "vm0") -> VM:
-    """The VM before the snapshot (and after the commit): base is the active layer."""
-    node = qcow2_node(qio.path("base.qcow2"), "base")
-    return qio.vm(name, args=[*blockdev(node), "-device", "virtio-blk-pci,drive=base,id=disk0"])
-
-
-def chain_vm(qio: Case, layers: list[str], name: str = "vm0") -> VM:
-    """A VM started on an existing chain, as a management tool does it: every backing layer
-    read-only, each node named, the device on the top layer."""
-    args: list[str] = []
-    below: str | None = None
-    for i, layer in enumerate(layers):
-        opts: dict[str, Any] = qcow2_node(qio.path(f"{layer}.qcow2"), layer,
-                                          read_only=i < len(layers) - 1)
-        opts["backing"] = below
-        args += blockdev(opts)
-        below = layer
-    args += ["-device", f"virtio-blk-pci,drive={layers[-1]},id=disk0"]
-    return qio.vm(name, args=args)
-
 
 
 def snapshot(qio: Case, vm: VM, method: str, base: str, overlay: str) -> None:
@@ -90,8 +62,7 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
     qio.img.create("base.qcow2", SIZE)
 
     qio.log.heading("bitmap on the base, guest writes into the base")
-    vm = base_vm(qio)
-    vm.launch()
+    vm = qio.vm_on("base.qcow2", "base", device=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="bitmap0", persistent=persistent)
     guest_writes(vm, BEFORE_SNAPSHOT, 0x11)
     qio.check_live(vm, "base")
@@ -106,8 +77,8 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
         qio.log.heading("restart on the chain base <- top")
         vm.shutdown()
         qio.check_disk("base.qcow2")
-        vm = chain_vm(qio, ["base", "top"], "vm1")
-        vm.launch()
+        vm = qio.vm_on("top.qcow2", "top", "vm1", backing=["base.qcow2"], device=True,
+                       launch=True)
         qio.check_live(vm, "base")
 
     qio.log.heading("active commit of top into base, guest writes while it runs")
@@ -120,8 +91,7 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
         qio.log.heading("restart on the base alone")
         vm.shutdown()
         qio.check_disk("base.qcow2")
-        vm = base_vm(qio, "vm2")
-        vm.launch()
+        vm = qio.vm_on("base.qcow2", "base", "vm2", device=True, launch=True)
         qio.check_live(vm, "base")
 
     qio.log.heading("guest writes into the base after the commit")
@@ -136,8 +106,7 @@ def test_snapshot_commit(qio: Case, method: str, persistent: bool, restarts: str
 
     if "final" in restart_at:
         qio.log.heading("restart: the stored bitmap has every write")
-        vm = base_vm(qio, "vm3")
-        vm.launch()
+        vm = qio.vm_on("base.qcow2", "base", "vm3", device=True, launch=True)
         qio.show_bitmaps(vm, "base")
         qio.check_live(vm, "base")
 
@@ -147,8 +116,7 @@ def test_intermediate_commit(qio: Case) -> None:
     qio.img.create("base.qcow2", SIZE)
 
     qio.log.heading("base with a persistent bitmap; writes")
-    vm = base_vm(qio)
-    vm.launch()
+    vm = qio.vm_on("base.qcow2", "base", device=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="b-base", persistent=True)
     guest_writes(vm, BEFORE_SNAPSHOT, 0x11)
 
@@ -174,7 +142,6 @@ def test_intermediate_commit(qio: Case) -> None:
     vm.shutdown()
     qio.check_disk("base.qcow2")
     qio.check_disk("mid.qcow2")
-    vm = chain_vm(qio, ["base", "top"], "vm1")
-    vm.launch()
+    vm = qio.vm_on("top.qcow2", "top", "vm1", backing=["base.qcow2"], device=True, launch=True)
     qio.show_bitmaps(vm, "base")
     qio.check_live(vm, "base")

@@ -31,11 +31,11 @@ from harness.actions import (
     action,
     add_target,
     backup_job,
+    bitmap_add,
     del_target,
     full_backup,
     writes,
 )
-from harness.actions import bitmap_add as add_bitmap_action
 from harness.backup import (
     Chain,
     completed_job_size,
@@ -45,7 +45,7 @@ from harness.backup import (
     reference,
     verify_restore,
 )
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.errors import MachineExitError
 from harness.session import Case
 from harness.vm import VM
@@ -91,21 +91,6 @@ SOURCE_EIO_AT = 0x210000
 # -- set-up and steps -------------------------------------------------------------------
 
 
-def start(qio: Case) -> VM:
-    """The source: qcow2 over a named file node, so a blkdebug can be put between."""
-    qio.img.create("src.qcow2", SIZE)
-    file0 = {"driver": "file", "filename": str(qio.path("src.qcow2")), "node-name": "file0"}
-    vm = qio.vm(machine_type="none",
-                args=[*blockdev(file0), *blockdev({"driver": "qcow2", "node-name": NODE,
-                                                   "file": "file0"})])
-    vm.launch()
-    return vm
-
-
-def bitmap_add(name: str, node: str = NODE, **more: Any) -> dict[str, Any]:
-    return add_bitmap_action(node, name, GRAN, **more)
-
-
 def target(qio: Case, vm: VM, image: str, backing: str | None = None,
            inject: tuple[dict[str, Any], ...] = ()) -> str:
     return add_target(qio, vm, image, SIZE, backing, inject)
@@ -116,11 +101,12 @@ def take_full(qio: Case, vm: VM, bitmaps: tuple[str, ...], image: str = "full.qc
          before: tuple[dict[str, Any], ...] = ()) -> Chain:
     """``before`` actions, new bitmaps and a full backup in one transaction."""
     return full_backup(qio, vm, device, source, SIZE, n, image,
-                       [bitmap_add(b, device) for b in bitmaps], before)
+                       [bitmap_add(device, b, GRAN) for b in bitmaps], before)
 
 
 def insert_source_fault(qio: Case, vm: VM) -> None:
-    """blkdebug under the source qcow2 node: the next read of one dirty cluster fails."""
+    """blkdebug under the source qcow2 node (between it and its file node ``file0``): the
+    next read of one dirty cluster fails."""
     vm.qemu_io(NODE, "flush")
     host = host_offset(qio.img, "src.qcow2", SOURCE_EIO_AT)
     qio.log.log(f"source: guest cluster {SOURCE_EIO_AT:#x} is at {host:#x} in src.qcow2")
@@ -143,7 +129,7 @@ def remove_source_fault(vm: VM) -> None:
     pytest.param(m, o, id=f"{m}-{o}") for m in MODES for o in OUTCOMES
 ])
 def test_bitmap_sync(qio: Case, mode: str, outcome: str) -> None:
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, file_node="file0", launch=True)
     qio.log.heading("writes, then bitmap b0 and a full backup in one transaction")
     writes(vm, NODE, W0, 0x11)
     full = take_full(qio, vm, ("b0",))
@@ -229,7 +215,7 @@ def test_incremental_and_differential(qio: Case) -> None:
     same transaction, so it holds every change since the full backup. Both backups of
     a round start at one point in time. Then a new full backup clears both bitmaps in
     its own transaction, and the next differential builds on it."""
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, file_node="file0", launch=True)
     qio.log.heading("writes, then bitmaps inc and diff and a full backup in one transaction")
     writes(vm, NODE, W0, 0x11)
     full = take_full(qio, vm, ("inc", "diff"))
@@ -242,7 +228,7 @@ def test_incremental_and_differential(qio: Case) -> None:
         target(qio, vm, f"inc{n}.qcow2", backing=incs.top)
         target(qio, vm, f"diff{n}.qcow2", backing=full.top)
         vm.qmp_log("transaction", actions=[
-            bitmap_add("merged", disabled=True),
+            bitmap_add(NODE, "merged", GRAN, disabled=True),
             action("block-dirty-bitmap-merge", node=NODE, target="merged", bitmaps=["diff"]),
             action("blockdev-backup", **backup_job(f"inc{n}", NODE, f"inc{n}", sync="incremental",
                                                     bitmap="inc")),
@@ -290,7 +276,7 @@ def checkpoint_backup(qio: Case, vm: VM, n: int, image: str, sources: list[str],
     node = image.removesuffix(".qcow2")
     vm.qmp_log("transaction", actions=[
         *before,
-        bitmap_add("merged", disabled=True),
+        bitmap_add(NODE, "merged", GRAN, disabled=True),
         action("block-dirty-bitmap-merge", node=NODE, target="merged", bitmaps=sources),
         action("blockdev-backup", **backup_job(f"backup{n}", NODE, node, sync="bitmap",
                                                 bitmap="merged", bitmap_mode="never")),
@@ -306,7 +292,7 @@ def test_checkpoints(qio: Case) -> None:
     """libvirt-style checkpoints: each backup disables the current bitmap and adds the
     next one in its transaction; "since checkpoint K" is a merge of the bitmaps from K
     on. A transaction that fails must roll back the clear and enable before it."""
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, file_node="file0", launch=True)
     qio.log.heading("writes, then checkpoint c0 with the full backup")
     writes(vm, NODE, W0, 0x11)
     take_full(qio, vm, ("c0",))
@@ -316,7 +302,7 @@ def test_checkpoints(qio: Case) -> None:
 
     checkpoint_backup(qio, vm, 1, "inc1.qcow2", ["c0"], before=(
         action("block-dirty-bitmap-disable", node=NODE, name="c0"),
-        bitmap_add("c1"),
+        bitmap_add(NODE, "c1", GRAN),
     ))
 
     qio.log.heading("writes reach c1 only (c0 is disabled)")
@@ -331,7 +317,7 @@ def test_checkpoints(qio: Case) -> None:
     vm.qmp_log("transaction", actions=[
         action("block-dirty-bitmap-clear", node=NODE, name="c1"),
         action("block-dirty-bitmap-enable", node=NODE, name="c0"),
-        bitmap_add("c1"),
+        bitmap_add(NODE, "c1", GRAN),
     ], expect_error="already exists")
     qio.show_bitmaps(vm, NODE)
     writes(vm, NODE, W3, 0x44)
@@ -361,9 +347,7 @@ def test_merge_across_snapshots(qio: Case) -> None:
     the new overlay in the same transaction, so no write falls between two bitmaps.
     "Everything since the full backup" is then base/b0 + mid/b1 + top/b2 merged into a
     bitmap on the active node, and a backup of the active node from it restores."""
-    qio.img.create("base.qcow2", SIZE)
-    vm = qio.vm(machine_type="none", args=blockdev(qcow2_node(qio.path("base.qcow2"), "base")))
-    vm.launch()
+    vm = qio.vm_on("base.qcow2", "base", create=SIZE, launch=True)
     qio.log.heading("writes, then bitmap b0 on base and a full backup in one transaction")
     writes(vm, "base", W0, 0x11)
     full = take_full(qio, vm, ("b0",), device="base", source="base.qcow2")
@@ -378,7 +362,7 @@ def test_merge_across_snapshots(qio: Case) -> None:
         vm.qmp_log("blockdev-add", qcow2_node(qio.path(f"{overlay}.qcow2"), overlay,
                                                 backing=None))
         vm.qmp_log("transaction", actions=[
-            bitmap_add(bitmap, overlay),
+            bitmap_add(overlay, bitmap, GRAN),
             action("blockdev-snapshot", node=active, overlay=overlay),
         ])
         writes(vm, overlay, regions, pattern)
@@ -392,7 +376,7 @@ def test_merge_across_snapshots(qio: Case) -> None:
     target(qio, vm, "inc1.qcow2", backing=full.top)
     sources = [{"node": "base", "name": "b0"}, {"node": "mid", "name": "b1"}, "b2"]
     vm.qmp_log("transaction", actions=[
-        bitmap_add("merged", "top", disabled=True),
+        bitmap_add("top", "merged", GRAN, disabled=True),
         action("block-dirty-bitmap-merge", node="top", target="merged", bitmaps=sources),
         action("blockdev-backup", **backup_job("backup1", "top", "inc1",
                                                 sync="bitmap", bitmap="merged",

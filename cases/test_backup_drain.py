@@ -27,7 +27,6 @@ import pytest
 
 from harness.actions import action, backup_job, writes
 from harness.backup import create_target, target_node
-from harness.block import blockdev, qcow2_node
 from harness.errors import MachineExitError
 from harness.session import Case
 from harness.vm import VM
@@ -42,14 +41,6 @@ KNOWN_BUG = ("QEMU bug seen in 10.2.2, not in 10.0.2, 10.0.13 or 7.2.22: when th
              "backups of one node started in one transaction ends, bdrv_drop_filter aborts "
              "(block.c:5423 Assertion 'from->quiesce_counter' failed) in 12 of 30 single "
              "transactions, 20 of 20 runs of 10 rounds")
-
-
-def start(qio: Case) -> VM:
-    qio.img.create("src.qcow2", SIZE)
-    vm = qio.vm(machine_type="none", args=blockdev(qcow2_node(qio.path("src.qcow2"), NODE)))
-    vm.launch()
-    writes(vm, NODE, DATA)
-    return vm
 
 
 def one_round(qio: Case, vm: VM, n: int, log: bool) -> None:
@@ -79,7 +70,8 @@ def one_round(qio: Case, vm: VM, n: int, log: bool) -> None:
 
 @pytest.mark.xfail(raises=MachineExitError, strict=False, reason=KNOWN_BUG)
 def test_two_full_backups_in_one_transaction(qio: Case) -> None:
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, launch=True)
+    writes(vm, NODE, DATA)
     qio.log.heading("round 0: targets a0 and b0, both backups in one transaction")
     one_round(qio, vm, 0, log=True)
     qio.log.heading(f"rounds 1 to {ROUNDS - 1}: the same, unlogged; each must end like round 0")

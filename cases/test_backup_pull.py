@@ -34,8 +34,15 @@ from typing import Any
 
 import pytest
 
-from harness.actions import Regions, action, add_target, backup_job, del_target, guest_writes
-from harness.actions import bitmap_add as add_bitmap_action
+from harness.actions import (
+    Regions,
+    action,
+    add_target,
+    backup_job,
+    bitmap_add,
+    del_target,
+    guest_writes,
+)
 from harness.backup import (
     Chain,
     NbdExport,
@@ -52,7 +59,7 @@ from harness.backup import (
     reference,
     verify_restore,
 )
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.errors import OracleFailure
 from harness.model import Extents, format_ranges
 from harness.session import Case
@@ -84,20 +91,6 @@ METHODS = (
         drivers=["copy-before-write", "snapshot-access"],
         node_bitmaps=["block-export-add.bitmaps"])),
 )
-
-
-def start(qio: Case) -> VM:
-    """The source: a qcow2 node under a virtio-blk device; the guest writes through it."""
-    qio.img.create("src.qcow2", SIZE)
-    vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("src.qcow2"), NODE)),
-                      "-device", f"virtio-blk-pci,drive={NODE},id=disk0"])
-    vm.launch()
-    return vm
-
-
-
-def bitmap_add(name: str, **more: Any) -> dict[str, Any]:
-    return add_bitmap_action(NODE, name, GRAN, **more)
 
 
 class Fleecing:
@@ -211,14 +204,14 @@ def pull_incremental(qio: Case, vm: VM, export: NbdExport, bitmap: str, image: s
 
 @pytest.mark.parametrize("method", METHODS)
 def test_pull_backups(qio: Case, method: str) -> None:
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, device=True, launch=True)
     qio.log.heading("guest writes")
     guest_writes(vm, W0, 0x11)
 
     qio.log.heading(f"backup 0 (full) over NBD; checkpoint c0 starts at its point ({method})")
     ref0 = reference(qio, vm, NODE, "src.qcow2", 0)
     view = Fleecing(qio, vm, method, 0)
-    view.begin([bitmap_add("c0", persistent=True)])
+    view.begin([bitmap_add(NODE, "c0", GRAN, persistent=True)])
     export = view.publish()
     guest_writes_during(qio, vm, export, ref0, DURING0, 0x12)
     copy_whole_export(qio, export, "full.qcow2")
@@ -238,7 +231,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
     view = Fleecing(qio, vm, method, 1)
     view.begin([
         action("block-dirty-bitmap-disable", node=NODE, name="c0"),
-        bitmap_add("c1", persistent=True),
+        bitmap_add(NODE, "c1", GRAN, persistent=True),
     ], jobs=(action("blockdev-backup", **backup_job("push1", NODE, "push1", sync="bitmap",
                                                     bitmap="c0", bitmap_mode="never")),))
     assert vm.run_job("push1") is None
@@ -264,7 +257,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
     ref2 = reference(qio, vm, NODE, "src.qcow2", 2)
     view = Fleecing(qio, vm, method, 2)
     view.begin([
-        bitmap_add("since-c0", disabled=True),
+        bitmap_add(NODE, "since-c0", GRAN, disabled=True),
         action("block-dirty-bitmap-merge", node=NODE, target="since-c0", bitmaps=["c0", "c1"]),
     ])
     export = view.publish("since-c0")
@@ -286,7 +279,7 @@ def test_pull_backups(qio: Case, method: str) -> None:
 def test_enabled_bitmap_not_exported(qio: Case) -> None:
     """A read-only export refuses a bitmap that still records (its bits would change
     under the client); that is why the exported bitmap is a disabled one."""
-    vm = start(qio)
+    vm = qio.vm_on("src.qcow2", NODE, create=SIZE, device=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="c0", granularity=GRAN)
     socket = vm.socket_path.parent / "backup.nbd"
     nbd_server_start(vm, socket)

@@ -43,7 +43,7 @@ from harness.actions import (
 )
 from harness.backup import Chain, reference, verify_restore
 from harness.bitmaps import live_bitmap
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.session import Case
 from harness.vm import VM
 
@@ -62,14 +62,6 @@ W5 = ((0x60000, 0x10000), (0x380000, 0x8000))   # base after backup 3, before th
 W6 = ((0x0, 0x200), (0x240000, 0x10000))        # after the restart
 
 ENDINGS = ("clean-restart", "sigkill")
-
-
-def base_vm(qio: Case) -> VM:
-    """base.qcow2 under a virtio-blk device: the VM before the snapshot and after the
-    commit (the same command line restarts it)."""
-    return qio.vm(args=[*blockdev(qcow2_node(qio.path("base.qcow2"), "base")),
-                        "-device", "virtio-blk-pci,drive=base,id=disk0"])
-
 
 
 def full(qio: Case, vm: VM, n: int, node: str, image: str) -> Chain:
@@ -91,9 +83,9 @@ def incremental(qio: Case, vm: VM, n: int, node: str, chain: Chain) -> Chain:
                       # base/b0 joins an incremental of top as a {node, name} merge source
                       node_bitmaps=["block-dirty-bitmap-merge.bitmaps"])
 def test_backup_chain(qio: Case, ending: str) -> None:
-    qio.img.create("base.qcow2", SIZE)
-    vm = base_vm(qio)
-    vm.launch()
+    # base.qcow2 under a virtio-blk device: the VM before the snapshot and after the commit
+    # (the same command line restarts it)
+    vm = qio.vm_on("base.qcow2", "base", create=SIZE, device=True, launch=True)
 
     qio.log.heading("backup 0: full, with the persistent bitmap base/b0 in its transaction")
     guest_writes(vm, W0, 0x11)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from harness.actions import writes
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.session import Case
 from harness.vm import VM
 
@@ -23,12 +23,6 @@ SIZE = 16 << 20
 NODE = "drive0"
 WRITES = ((0, 0x1000), (0x400000, 0x20000), (SIZE - 0x10000, 0x10000))
 MORE = ((0x10000, 0x200), (0x800000, 0x10000))
-
-
-def vm_for(qio: Case, name: str = "vm0") -> VM:
-    return qio.vm(name, args=blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
-                  machine_type="none")
-
 
 
 def stored_bitmap(qio: Case) -> None:
@@ -75,8 +69,7 @@ def test_kill_after_add(qio: Case) -> None:
     """A bitmap added at run time lives only in RAM until close: a crash loses it whole
     (no stale copy on disk that could pass for valid)."""
     qio.img.create("disk.qcow2", SIZE)
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
     writes(vm, NODE, WRITES)
     crash(qio, vm)
@@ -89,8 +82,7 @@ def test_kill_after_add(qio: Case) -> None:
 def test_kill_after_writes_and_recover(qio: Case) -> None:
     stored_bitmap(qio)
     qio.log.heading("QEMU loads b0 read-write, writes, and is killed")
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
     writes(vm, NODE, WRITES)
     qio.check_live(vm, NODE)
     crash(qio, vm)
@@ -114,8 +106,7 @@ def test_kill_then_offline_repair(qio: Case) -> None:
     """``qemu-img check -r all`` is recorded (it may leave the bitmap alone); removing
     the bitmap offline must recover either way."""
     stored_bitmap(qio)
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
     writes(vm, NODE, WRITES)
     crash(qio, vm)
     status, _ = qio.img.check("disk.qcow2", "-r", "all")
@@ -136,10 +127,7 @@ def test_kill_during_commit(qio: Case) -> None:
     qio.img.create("base.qcow2", SIZE)
     qio.img.run("bitmap", "--add", "base.qcow2", "b0", log=True)
     qio.img.create("top.qcow2", SIZE, backing="base.qcow2")
-    args: list[str] = [*blockdev(qcow2_node(qio.path("base.qcow2"), "base", read_only=True)),
-                       *blockdev(qcow2_node(qio.path("top.qcow2"), "top", backing="base"))]
-    vm = qio.vm("vm0", args=args, machine_type="none")
-    vm.launch()
+    vm = qio.vm_on("top.qcow2", "top", backing=["base.qcow2"], launch=True)
     writes(vm, "top", ((0, 0x800000),))
     vm.qemu_io("top", "flush")  # the data must survive the kill; the bitmap cannot
 
@@ -171,8 +159,7 @@ def test_kill_around_reopen(qio: Case, moment: str) -> None:
     read-write one: the stored bitmap must be valid and complete. Killed after the
     read-write reopen: in use again, so inconsistent."""
     stored_bitmap(qio)
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
     writes(vm, NODE, WRITES)
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=True))
     if moment == "after-read-write-reopen":

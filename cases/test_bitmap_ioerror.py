@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from harness.actions import writes
-from harness.block import blockdev
 from harness.errors import MachineError
 from harness.session import Case
 from harness.vm import VM
@@ -41,12 +40,6 @@ def qcow2_over(file_node: str, read_only: bool = False) -> dict[str, Any]:
     if read_only:
         opts["read-only"] = True
     return opts
-
-
-def vm_for(qio: Case, read_only: bool = False, name: str = "vm0") -> VM:
-    file_node = {"driver": "file", "filename": str(qio.path("disk.qcow2")), "node-name": "file0"}
-    return qio.vm(name, machine_type="none",
-                  args=[*blockdev(file_node), *blockdev(qcow2_over("file0", read_only))])
 
 
 def insert_fault(qio: Case, vm: VM, fault: str, read_only: bool) -> None:
@@ -72,9 +65,8 @@ def log_size(vm: VM) -> int:
 def setup(qio: Case, vm_read_only: bool = False) -> VM:
     qio.img.create("disk.qcow2", SIZE)
     qio.img.run("bitmap", "--add", "disk.qcow2", "b0", log=True)
-    vm = vm_for(qio, read_only=vm_read_only)
-    vm.launch()
-    return vm
+    return qio.vm_on("disk.qcow2", NODE, read_only=vm_read_only, file_node="file0",
+                     launch=True)
 
 
 def try_writes(qio: Case, vm: VM) -> None:
@@ -101,8 +93,7 @@ def verify_after(qio: Case, where: str) -> None:
     """The invariant on disk and after a clean restart without the fault."""
     (b,) = qio.show_image_bitmaps("disk.qcow2")
     qio.check_disk("disk.qcow2", where=where)
-    vm = vm_for(qio, name="after")
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, "after", file_node="file0", launch=True)
     (lb,) = qio.show_bitmaps(vm, NODE, hashes=False)
     assert lb.inconsistent == b.in_use
     qio.check_live(vm, NODE, where=f"{where}, restarted")

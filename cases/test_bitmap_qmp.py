@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from harness.block import blockdev, qcow2_node
 from harness.errors import MachineExitError
 from harness.session import Case
 from harness.vm import VM
@@ -20,10 +19,7 @@ SIZE = 8 << 20
 
 
 def vm_with_bitmaps(qio: Case) -> VM:
-    qio.img.create("disk.qcow2", SIZE)
-    vm = qio.vm(args=blockdev(qcow2_node(qio.path("disk.qcow2"), "drive0")),
-                machine_type="none")
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", create=SIZE, launch=True)
     vm.qmp("block-dirty-bitmap-add", node="drive0", name="a", persistent=True)
     vm.qmp("block-dirty-bitmap-add", node="drive0", name="fine", granularity=512)
     vm.qemu_io("drive0", "write 0x10000 0x1000")

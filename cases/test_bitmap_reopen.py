@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from harness.actions import writes
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.errors import MachineError
 from harness.session import Case
 from harness.vm import VM
@@ -31,11 +31,6 @@ CYCLE_WRITES = (
 )
 
 
-def vm_for(qio: Case, name: str = "vm0") -> VM:
-    return qio.vm(name, args=blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
-                  machine_type="none")
-
-
 def reopen(qio: Case, vm: VM, read_only: bool) -> None:
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=read_only))
 
@@ -49,8 +44,7 @@ def in_use_flags(qio: Case) -> dict[str, bool]:
 def test_reopen_cycles(qio: Case, bitmaps: str) -> None:
     specs = BITMAP_SETS[bitmaps]
     qio.img.create("disk.qcow2", SIZE)
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
 
     qio.log.heading("read-write: add persistent bitmaps, write")
     for name, gran, enabled in specs:
@@ -100,8 +94,7 @@ def test_bitmap_state_changes_while_read_only(qio: Case) -> None:
     qio.log.heading("offline: 'on' enabled, 'off' disabled; QEMU writes read-write")
     qio.img.run("bitmap", "--add", "disk.qcow2", "on", log=True)
     qio.img.run("bitmap", "--add", "--disable", "disk.qcow2", "off", log=True)
-    vm = vm_for(qio)
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
     writes(vm, NODE, CYCLE_WRITES[0])
 
     qio.log.heading("read-only: disable 'on', enable 'off', add a new persistent bitmap")

@@ -6,7 +6,6 @@ Nothing here tells the oracle anything: it follows the commands and checks the b
 import pytest
 
 from harness.actions import writes
-from harness.block import blockdev, qcow2_node
 from harness.session import Case
 
 DEVICE = "disk0/virtio-backend"
@@ -15,9 +14,7 @@ DEVICE = "disk0/virtio-backend"
 @pytest.mark.quick
 @pytest.mark.requires(qmp=["blockdev-snapshot-sync", "block-commit"])
 def test_bitmap_survives_snapshot_and_commit(qio: Case) -> None:
-    qio.img.create("base.qcow2", 4 << 20)
-    vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("base.qcow2"), "base")),
-                      "-device", "virtio-blk-pci,drive=base,id=disk0"])
+    vm = qio.vm_on("base.qcow2", "base", create=4 << 20, device=True)  # disk0 on node base
     vm.launch()
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="b0", persistent=True)
     writes(vm, DEVICE, [(0, 0x10000)], 0x11, device=True)       # lands in base

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
 
 import pytest
 
@@ -60,22 +59,6 @@ def reads_back(vm: VM, regions: list[tuple[int, int]], pattern: int) -> None:
                           + ", ".join(f"{o:#x}+{n:#x}" for o, n in regions))
 
 
-def guest_vm(qio: Case, layers: list[str], name: str = "vm0") -> VM:
-    """A VM booting the guest on a chain of images (the last one on top, the others
-    read-only backing layers, each node named after its image), disk0 on the top."""
-    args: list[str] = []
-    below: str | None = None
-    for i, layer in enumerate(layers):
-        opts: dict[str, Any] = qcow2_node(qio.path(f"{layer}.qcow2"), layer,
-                                          read_only=i < len(layers) - 1)
-        if len(layers) > 1:
-            opts["backing"] = below
-        args += blockdev(opts)
-        below = layer
-    args += ["-device", f"virtio-blk-pci,drive={layers[-1]},id=disk0"]
-    return qio.vm(name, args=args, guest=True)
-
-
 @pytest.mark.requires(qmp=["blockdev-snapshot-sync", "block-commit", "job-complete"])
 def test_seed_scenario(qio: Case) -> None:
     """The reference bug's scenario with the guest writing at every step."""
@@ -83,8 +66,7 @@ def test_seed_scenario(qio: Case) -> None:
     qio.img.create("base.qcow2", SIZE)
 
     qio.log.heading("bitmap on the base; the guest writes into the base")
-    vm = guest_vm(qio, ["base"])
-    vm.launch()
+    vm = qio.vm_on("base.qcow2", "base", guest=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node="base", name="bitmap0", persistent=True)
     guest_writes(vm, [(0, 0x10000), (0x2FF000, 0x2000)], 0x11)
     qio.check_live(vm, "base")
@@ -98,8 +80,7 @@ def test_seed_scenario(qio: Case) -> None:
     qio.log.heading("QEMU restart on the chain base <- top; the guest boots again")
     vm.shutdown()
     qio.check_disk("base.qcow2")
-    vm = guest_vm(qio, ["base", "top"], "vm1")
-    vm.launch()
+    vm = qio.vm_on("top.qcow2", "top", "vm1", backing=["base.qcow2"], guest=True, launch=True)
     qio.check_live(vm, "base")
 
     qio.log.heading("active commit of top into base, started while a guest write runs")
@@ -121,8 +102,7 @@ def test_seed_scenario(qio: Case) -> None:
     qio.log.heading("QEMU restart on the base alone; the guest writes into the base")
     vm.shutdown()
     qio.check_disk("base.qcow2")
-    vm = guest_vm(qio, ["base"], "vm2")
-    vm.launch()
+    vm = qio.vm_on("base.qcow2", "base", "vm2", guest=True, launch=True)
     guest_writes(vm, [(0x20000, 0x10000), (0x180000, 0x1000)], 0x66)
     qio.show_bitmaps(vm, "base")
     qio.check_live(vm, "base")
@@ -138,9 +118,7 @@ def test_seed_scenario(qio: Case) -> None:
 def test_incremental_chain(qio: Case) -> None:
     """Full and incremental backups with the guest writing between and during them; each
     restore is compared with the source (qemu-img compare) and read by a guest."""
-    qio.img.create("disk.qcow2", SIZE)
-    vm = guest_vm(qio, ["disk"])
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", "disk", create=SIZE, guest=True, launch=True)
     sums: list[str] = []
 
     def backup_point() -> None:
@@ -189,9 +167,7 @@ def test_incremental_chain(qio: Case) -> None:
 def test_reboot_and_restart(qio: Case) -> None:
     """Guest writes around a guest reboot and a QEMU restart: the persistent bitmap has
     them all, live and on disk."""
-    qio.img.create("disk.qcow2", SIZE)
-    vm = guest_vm(qio, ["disk"])
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", "disk", create=SIZE, guest=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node="disk", name="b0", persistent=True)
     guest_writes(vm, [(0, 0x1000), (0x150000, 0x20000)], 0x11)
     vm.guest.sync()

@@ -61,7 +61,6 @@ from harness.actions import (
     wait_migration,
     writes,
 )
-from harness.block import blockdev, qcow2_node
 from harness.errors import CommandError, OracleFailure
 from harness.session import Case
 from harness.vm import VM
@@ -85,15 +84,12 @@ RELEASED = 1 << 30
 
 def vm_for(qio: Case, name: str, image: str, incoming: str | None = None,
            device: bool = False, node: str = NODE, guest: bool = False) -> VM:
-    """A VM on ``image`` (node ``node``); with ``device`` a virtio-blk device on it too,
-    whose writes pass through the filters a job inserts above the node (a mirror's);
-    with ``guest`` a Linux guest that writes through that device."""
-    args = blockdev(qcow2_node(qio.path(image), node))
-    if device or guest:
-        args += ["-device", f"virtio-blk-pci,drive={node},id=disk0,serial=disk0"]
-    if incoming is not None:
-        args += ["-incoming", incoming]
-    return qio.vm(name, args=args, log_prefix=f"{name}: ", guest=guest)
+    """:meth:`Case.vm_on` as every VM of this module is: a ``pc`` (it has RAM to migrate,
+    which the throttled migrations rely on) that says its name in the transcript. With
+    ``device`` the writes pass through the filters a job inserts above the node (a
+    mirror's)."""
+    return qio.vm_on(image, node, name, device=device, guest=guest, incoming=incoming,
+                     machine_type="pc", log_prefix=f"{name}: ")
 
 
 def add_bitmaps(vm: VM, device: bool = False) -> None:

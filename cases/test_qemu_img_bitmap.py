@@ -11,10 +11,8 @@ from __future__ import annotations
 import pytest
 
 from harness.bitmaps import LiveBitmap, live_bitmaps, sha256
-from harness.block import blockdev, qcow2_node
 from harness.errors import ToolError
 from harness.session import Case
-from harness.vm import VM
 
 pytestmark = pytest.mark.quick
 
@@ -22,18 +20,10 @@ SIZE = 64 << 20
 WRITES = ((0, 0x10000), (0x123400, 0x800), (0x3FF0000, 0x10000))
 
 
-def open_vm(qio: Case, image: str, name: str = "vm0") -> VM:
-    """A VM with ``image`` as node ``drive0`` (no guest device: only the node matters)."""
-    vm = qio.vm(name, args=blockdev(qcow2_node(qio.path(image), "drive0")),
-                machine_type="none")
-    vm.launch()
-    return vm
-
-
 def look(qio: Case, image: str) -> dict[str, tuple[LiveBitmap, str]]:
     """Log the header view and QEMU's view of ``image``; return QEMU's (bitmap, hash)."""
     qio.show_image_bitmaps(image)
-    vm = open_vm(qio, image, "look")
+    vm = qio.vm_on(image, name="look", launch=True)
     seen = {b.name: (b, sha256(vm, "drive0", b.name)) for b in live_bitmaps(vm, "drive0")}
     qio.show_bitmaps(vm, "drive0")
     vm.shutdown()
@@ -42,7 +32,7 @@ def look(qio: Case, image: str) -> dict[str, tuple[LiveBitmap, str]]:
 
 def dirty(qio: Case, image: str, bitmaps: list[str]) -> None:
     """Start QEMU, add persistent bitmaps at run time, write WRITES, store at close."""
-    vm = open_vm(qio, image, "writer")
+    vm = qio.vm_on(image, name="writer", launch=True)
     for b in bitmaps:
         vm.qmp("block-dirty-bitmap-add", node="drive0", name=b, persistent=True)
     for off, length in WRITES:
@@ -67,7 +57,7 @@ def test_add_enable_disable_remove(qio: Case, disk: str) -> None:
         "b0": (65536, True, 0), "b1": (512, True, 0), "b2": (65536, False, 0)}
 
     qio.log.heading("QEMU writes: enabled bitmaps record, the disabled one does not")
-    vm = open_vm(qio, disk)
+    vm = qio.vm_on(disk, launch=True)
     for off, length in WRITES:
         vm.qemu_io("drive0", f"write -P 0x5a {off:#x} {length:#x}", log=True)
     vm.shutdown()
@@ -79,7 +69,7 @@ def test_add_enable_disable_remove(qio: Case, disk: str) -> None:
     qio.log.heading("disable b0, enable b2: only b2 records the next write")
     qio.img.run("bitmap", "--disable", disk, "b0", log=True)
     qio.img.run("bitmap", "--enable", disk, "b2", log=True)
-    vm = open_vm(qio, disk)
+    vm = qio.vm_on(disk, launch=True)
     vm.qemu_io("drive0", "write -P 0x6b 0x2000000 0x1000", log=True)
     vm.shutdown()
     after = look(qio, disk)
@@ -120,8 +110,7 @@ def test_clear_and_merge(qio: Case, disk: str) -> None:
     assert cleared["b"][0].count == 0 and cleared["b"][0].recording
 
     qio.log.heading("merge from another image into b, then a into b: the union")
-    qio.img.create("other.qcow2", SIZE)
-    vm = open_vm(qio, "other.qcow2", "other")
+    vm = qio.vm_on("other.qcow2", name="other", create=SIZE, launch=True)
     vm.qmp("block-dirty-bitmap-add", node="drive0", name="x", persistent=True)
     vm.qemu_io("drive0", "write -P 0x77 0x1000000 0x30000")
     vm.shutdown()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from harness.actions import guest_writes
-from harness.block import blockdev, qcow2_node
+from harness.block import qcow2_node
 from harness.errors import MachineError
 from harness.qcow2 import Qcow2Image
 from harness.session import Case
@@ -29,10 +29,7 @@ NODE = "drive0"
 @pytest.mark.requires(qmp=["blockdev-reopen"])
 def test_refused_reopen_of_a_node_without_bitmaps(qio: Case) -> None:
     """The control: without a persistent bitmap the same refusal changes nothing."""
-    qio.img.create("disk.qcow2", 4 << 20)
-    vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
-                      "-device", f"virtio-blk-pci,drive={NODE},id=disk0"])
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, create=4 << 20, device=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="t0")  # transient: not stored
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=True),
                        expect_error="cannot support read-write users")
@@ -49,10 +46,7 @@ def test_refused_reopen_of_a_node_without_bitmaps(qio: Case) -> None:
     "write fails with EPERM, and the image says the bitmap is not in use while the node "
     "is open read-write"))
 def test_refused_read_only_reopen_leaves_bitmaps_writable(qio: Case) -> None:
-    qio.img.create("disk.qcow2", 4 << 20)
-    vm = qio.vm(args=[*blockdev(qcow2_node(qio.path("disk.qcow2"), NODE)),
-                      "-device", f"virtio-blk-pci,drive={NODE},id=disk0"])
-    vm.launch()
+    vm = qio.vm_on("disk.qcow2", NODE, create=4 << 20, device=True, launch=True)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
     guest_writes(vm, [(0, 0x1000)], 0x11)
     vm.blockdev_reopen(qcow2_node(qio.path("disk.qcow2"), NODE, read_only=True),

@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.binaries import ROLES, Binaries, Probe, Program, find_binaries, probe, resolve_accel
 from harness.bitmaps import HashLabels, ImageBitmap, LiveBitmap, image_bitmaps, live_bitmaps, sha256
+from harness.block import blockdev, qcow2_node
 from harness.errors import ConfigError, HarnessError
 from harness.filters import path_filter
 from harness.guest import Guest, choose_accel
@@ -168,6 +169,52 @@ class Case:
                     observer=self.oracle, **kw)
         self.machines.append(m)
         return m
+
+    def vm_on(self, image: str, node: str = "drive0", name: str = "vm0", *,
+              create: int | None = None, backing: Sequence[str] = (),
+              read_only: bool = False, file_node: str | None = None, device: bool = False,
+              guest: bool = False, incoming: str | None = None,
+              machine_type: str | None = None, launch: bool = False, **kw: Any) -> VM:
+        """A VM on a qcow2 image of the scratch dir, opened as node ``node``: the shape
+        almost every case starts from, said once (any other command line: :meth:`vm`).
+
+        ``create``: a new image of that size first. ``backing``: images below ``image``,
+        bottom first, each opened read-only as a node named after its file (``base.qcow2``
+        is ``base``) and the backing of the next, as a management tool opens a chain.
+        ``read_only``: the node itself is. ``file_node``: its file node gets that name, so
+        a ``blkdebug`` filter can later be put between. ``device``: a virtio-blk device
+        ``disk0`` on the node; writes through ``disk0/virtio-backend`` land in whatever its
+        active layer is, as a guest's do. ``guest``: a Linux guest that writes through
+        that device (see :meth:`vm`). ``incoming``: ``-incoming`` (``defer`` or a URI), a
+        migration destination. The machine is ``pc`` with a device, else ``none``
+        (nothing but the block layer), unless ``machine_type`` says. ``launch``: started
+        before it is returned. ``kw`` goes to :meth:`vm` (``log_prefix=``...)."""
+        if create is not None:
+            self.img.create(image, create)
+        args: list[str] = []
+        below: str | None = None
+        for layer in backing:
+            stem = Path(layer).name.removesuffix(".qcow2")
+            args += blockdev(qcow2_node(self.path(layer), stem, read_only=True, backing=below))
+            below = stem
+        top = qcow2_node(self.path(image), node, read_only=read_only)
+        if file_node is not None:
+            args += blockdev({"driver": "file", "filename": str(self.path(image)),
+                              "node-name": file_node})
+            top["file"] = file_node
+        if below is not None:
+            top["backing"] = below
+        args += blockdev(top)
+        device = device or guest
+        if device:
+            args += ["-device", f"virtio-blk-pci,drive={node},id=disk0,serial=disk0"]
+        if incoming is not None:
+            args += ["-incoming", incoming]
+        vm = self.vm(name, args=args, guest=guest,
+                     machine_type=machine_type or ("pc" if device else "none"), **kw)
+        if launch:
+            vm.launch()
+        return vm
 
     def guest_files(self) -> GuestFiles:
         """The guest's kernel and initrd: the user's own, or built from apt packages on
