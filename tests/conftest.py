@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from harness.processes import REGISTRY
+from harness.session import Case, Environment
 
 pytest_plugins = ["pytester"]
 
@@ -150,6 +151,31 @@ def qemu_system() -> str:
     if path is None:
         pytest.skip("qemu-system-x86_64 is not on PATH (apt-get install qemu-system-x86)")
     return path
+
+
+@pytest.fixture(scope="session")
+def env(request: pytest.FixtureRequest) -> Environment:
+    """The QEMU on PATH (or ``--qemu-build``'s when given: the option is the suite's) under
+    TCG, probed once, for the self-tests that drive a real QEMU through a :class:`Case`."""
+    return Environment.discover({}, request.config.getoption("qio_build"), "tcg", os.environ)
+
+
+@pytest.fixture
+def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
+    """A case context in ``tmp_path``; its teardown must find nothing wrong (a VM that died
+    or failed a check, a process left running)."""
+    c = Case(env, tmp_path)
+    yield c
+    assert c.close(failed=False) == []
+
+
+@pytest.fixture
+def lenient_case(env: Environment, tmp_path: Path) -> Iterator[Case]:
+    """A case context for a test that breaks it on purpose (a failed check, a guest that
+    never gets ready): teardown stops everything without checking, as after a failure."""
+    c = Case(env, tmp_path)
+    yield c
+    c.close(failed=True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,7 @@ told about (missing ranges) and one it was told about wrongly (extra ranges).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -34,7 +31,7 @@ from harness.backup import (
 from harness.block import blockdev, qcow2_node
 from harness.errors import ModelError, OracleFailure, RestoreMismatch
 from harness.model import Extents, Model, SyncBitmapJob
-from harness.session import Case, Environment
+from harness.session import Case
 from harness.vm import VM
 
 MiB = 1 << 20
@@ -147,19 +144,6 @@ def test_chain_description() -> None:
 
 
 # -- against real QEMU ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env(request: pytest.FixtureRequest) -> Environment:
-    """The QEMU on PATH, or ``--qemu-build``'s when given (the option is the suite's)."""
-    return Environment.discover({}, request.config.getoption("qio_build"), "tcg", os.environ)
-
-
-@pytest.fixture
-def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
-    c = Case(env, tmp_path)
-    yield c
-    assert c.close(failed=False) == []
 
 
 @dataclass

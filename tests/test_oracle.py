@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,23 +20,11 @@ from harness.actions import writes
 from harness.bitmaps import live_bitmaps, live_ranges, ranges_count, ranges_sha256, sha256
 from harness.block import blockdev, qcow2_node
 from harness.errors import CommandError, MachineExitError, OracleFailure, UnmodelledCommand
-from harness.session import Case, Environment
+from harness.session import Case
 from harness.tools import QemuImg
 from harness.vm import VM
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def env() -> Environment:
-    return Environment.discover({}, None, "tcg", os.environ)
-
-
-@pytest.fixture
-def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
-    c = Case(env, tmp_path)
-    yield c
-    assert c.close(failed=False) == []
 
 
 def start(case: Case) -> VM:

@@ -8,10 +8,6 @@ destination, and what the oracle cannot follow is refused before QEMU sees it.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from harness.actions import writes
@@ -19,7 +15,7 @@ from harness.block import blockdev, qcow2_node
 from harness.errors import OracleFailure, UnmodelledCommand
 from harness.migration import Sent, received, to_send, uri_of
 from harness.model import Extents, ModelBitmap
-from harness.session import Case, Environment
+from harness.session import Case
 from harness.vm import VM
 
 MiB = 1 << 20
@@ -73,18 +69,6 @@ def test_uri_of_reads_both_spellings() -> None:
 
 
 # -- the oracle following two real QEMU processes ------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env() -> Environment:
-    return Environment.discover({}, None, "tcg", os.environ)
-
-
-@pytest.fixture
-def case(env: Environment, tmp_path: Path) -> Iterator[Case]:
-    c = Case(env, tmp_path)
-    yield c
-    assert c.close(failed=False) == []
 
 
 def pair(case: Case) -> tuple[VM, VM, str]:
