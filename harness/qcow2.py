@@ -93,6 +93,14 @@ class Qcow2Header:
         return 1 << self.cluster_bits
 
     @property
+    def extensions_end(self) -> int:
+        """Where the header extension area ends: at the first cluster's end, or where the
+        backing file name starts when it starts inside that cluster."""
+        if 0 < self.backing_file_offset < self.cluster_size:
+            return self.backing_file_offset
+        return self.cluster_size
+
+    @property
     def dirty(self) -> bool:
         """Incompatible bit 0: refcounts may be stale (lazy refcounts, unclean exit)."""
         return bool(self.incompatible_features & 1)
@@ -124,6 +132,11 @@ class HeaderExtension:
     def name(self) -> str:
         return _EXT_NAMES.get(self.type, f"unknown-{self.type:#010x}")
 
+    @property
+    def area_size(self) -> int:
+        """The bytes it takes in the extension area: type, length, data padded to 8."""
+        return _EXT_HEADER.size + ((self.length + 7) & ~7)
+
 
 @dataclass(frozen=True)
 class BitmapsExtension:
@@ -152,8 +165,30 @@ class BitmapTableEntry:
         return "ones" if self.raw & BME_TABLE_ENTRY_ALL_ONES else "zeroes"
 
 
+class EntryFields:
+    """What a bitmap directory entry's flags and granularity say; the reader's
+    :class:`Bitmap` and the writer's ``WrittenBitmap`` both have them."""
+
+    flags: int
+    granularity_bits: int
+
+    @property
+    def in_use(self) -> bool:
+        """Flag bit 0: QEMU had the bitmap loaded and never stored it back; data is stale."""
+        return bool(self.flags & BME_FLAG_IN_USE)
+
+    @property
+    def auto(self) -> bool:
+        """Flag bit 1: the bitmap is enabled (records writes); QMP calls this recording."""
+        return bool(self.flags & BME_FLAG_AUTO)
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+
 @dataclass(frozen=True)
-class Bitmap:
+class Bitmap(EntryFields):
     """One persistent dirty bitmap, its directory entry plus the data it points to.
 
     The data is decoded even when :attr:`in_use` is set, because cases want to look at
@@ -177,16 +212,6 @@ class Bitmap:
     clusters: tuple[bytes | None, ...] = field(repr=False)
 
     @property
-    def in_use(self) -> bool:
-        """Flag bit 0: QEMU had the bitmap loaded and never stored it back; data is stale."""
-        return bool(self.flags & BME_FLAG_IN_USE)
-
-    @property
-    def auto(self) -> bool:
-        """Flag bit 1: the bitmap is enabled (records writes); QMP calls this recording."""
-        return bool(self.flags & BME_FLAG_AUTO)
-
-    @property
     def extra_data_compatible(self) -> bool:
         return bool(self.flags & BME_FLAG_EXTRA_DATA_COMPATIBLE)
 
@@ -198,10 +223,6 @@ class Bitmap:
             and not self.in_use
             and (not self.extra_data or self.extra_data_compatible)
         )
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
 
     @property
     def nb_granules(self) -> int:
@@ -402,10 +423,7 @@ class _Reader:
         return header
 
     def extensions(self, header: Qcow2Header) -> tuple[HeaderExtension, ...]:
-        # Extensions fill the first cluster up to the backing file name, if there is one.
-        end = header.cluster_size
-        if 0 < header.backing_file_offset < end:
-            end = header.backing_file_offset
+        end = header.extensions_end
         offset = header.header_length
         found: list[HeaderExtension] = []
         while offset + _EXT_HEADER.size <= end:
@@ -422,7 +440,7 @@ class _Reader:
                 )
             what = f"header extension {ext_type:#010x}"
             found.append(HeaderExtension(ext_type, length, self.read(offset, length, what)))
-            offset += (length + 7) & ~7
+            offset += found[-1].area_size - _EXT_HEADER.size
         return tuple(found)
 
     def bitmaps_extension(self, header: Qcow2Header,

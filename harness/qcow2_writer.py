@@ -30,10 +30,10 @@ from typing import BinaryIO, Literal
 from harness.errors import HarnessError
 from harness.qcow2 import (
     BME_FLAG_AUTO,
-    BME_FLAG_IN_USE,
     BME_TABLE_ENTRY_ALL_ONES,
     EXT_BITMAPS,
     EXT_END,
+    EntryFields,
     Qcow2Image,
 )
 
@@ -97,7 +97,7 @@ class BitmapSpec:
 
 
 @dataclass(frozen=True)
-class WrittenBitmap:
+class WrittenBitmap(EntryFields):
     """One bitmap as the bytes now say: where its entry and table are, what is dirty."""
 
     name: str
@@ -112,18 +112,6 @@ class WrittenBitmap:
     #: makes the content undefined
     dirty: tuple[Range, ...] | None
     extra_data: bytes = b""
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.flags & BME_FLAG_IN_USE)
-
-    @property
-    def auto(self) -> bool:
-        return bool(self.flags & BME_FLAG_AUTO)
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
 
 
 @dataclass(frozen=True)
@@ -344,10 +332,8 @@ def _write_extensions(f: BinaryIO, image: Qcow2Image, bitmaps: bool, data: bytes
     last (or first), the end marker; returns the file offset of the bitmaps data."""
     header = image.header
     others = [e for e in image.extensions if e.type != EXT_BITMAPS]
-    end = header.cluster_size
-    if 0 < header.backing_file_offset < end:
-        end = header.backing_file_offset
-    old_len = sum(8 + (e.length + 7) // 8 * 8 for e in image.extensions) + 8
+    end = header.extensions_end
+    old_len = sum(e.area_size for e in image.extensions) + 8  # and the end marker
     parts: list[tuple[int, bytes]] = [(e.type, e.data) for e in others]
     payload = data[:length].ljust(length, b"\0")
     if bitmaps:
