@@ -44,6 +44,19 @@ LABEL = "7.2"
 #: no ``bitmaps`` group; newer trees may, and its members are taken too)
 _BITMAP_USE = re.compile(r"block-dirty-bitmap|dirty-bitmap|qemu-img bitmap|bitmap-mode")
 _GROUP = re.compile(r"^# group:(.*)$", re.MULTILINE)
+#: the lines whose branches the second branch figure leaves out (gcovr's
+#: ``--exclude-branches-by-pattern``, matched from the start of each source line): a call of
+#: ``assert()`` (or ``g_assert*()``) or ``trace_*()``. An assert's failing side is a crash,
+#: which no passing test takes; a ``trace_*()`` call's branches test whether the trace event
+#: is enabled, and tracing is off. The raw figure counts them and stays the headline.
+ASSERT_TRACE_LINES = r"\s*(assert|g_assert\w*|trace_\w+)\s*\("
+#: how the tables name that figure
+NO_ASSERT_LABEL = "branches w/o assert/trace"
+NO_ASSERT_NOTE = (f"\"{NO_ASSERT_LABEL}\" leaves out the branches on lines that call assert() "
+                  "or trace_*() (gcovr --exclude-branches-by-pattern "
+                  f"'{ASSERT_TRACE_LINES}'): an assert's failing side is a crash and "
+                  "tracing is off, so no passing run takes those. \"branches\" counts "
+                  "every branch gcov generates and is the headline figure.")
 KILL_NOTE = ("A QEMU killed with SIGKILL (the crash cases) writes no .gcda: what it ran "
              "before the kill is not counted. Concurrent QEMUs add up (gcov locks the files).")
 
@@ -56,6 +69,9 @@ class FileCoverage:
     lines: tuple[int, int]              # covered, total
     branches: tuple[int, int]
     functions: tuple[int, int]
+    #: the branches not on an assert/trace line (:data:`ASSERT_TRACE_LINES`); None when
+    #: the report of that figure is missing (a report dir from before it existed)
+    branches_no_assert: tuple[int, int] | None = None
     uncovered_functions: list[str] = field(default_factory=list)
     # (function, first line, last line) of each run of uncovered lines
     uncovered_lines: list[tuple[str, int, int]] = field(default_factory=list)
@@ -93,8 +109,11 @@ def reset_counters(build: Path) -> int:
 
 
 def gcovr_argvs(gcovr: str, src: Path, build: Path, out: Path) -> list[list[str]]:
-    """The gcovr runs: the counters of `build`, only :data:`FILES`, read once into
-    ``coverage.json``; then from that the text reports (lines, branches) and the HTML."""
+    """The gcovr runs: the counters of `build`, only :data:`FILES`, read into
+    ``coverage.json``; then from that the text reports (lines, branches) and the HTML.
+    A second read of the same counters leaves out the branches of assert/trace lines
+    (``coverage-no-assert.json``, ``branches-no-assert.txt``): gcovr applies exclusions
+    only while it reads counters, never to a tracefile."""
     read = [gcovr, "--root", str(src), "--gcov-ignore-parse-errors=negative_hits.warn"]
     for f in FILES:
         read += ["--filter", re.escape(str(src / f)) + "$"]
@@ -104,6 +123,9 @@ def gcovr_argvs(gcovr: str, src: Path, build: Path, out: Path) -> list[list[str]
         [*again, "--txt", str(out / "lines.txt"), "--html-details",
          str(out / "html" / "index.html")],
         [*again, "--txt", str(out / "branches.txt"), "--txt-metric", "branch"],
+        [*read, "--exclude-branches-by-pattern", ASSERT_TRACE_LINES,
+         "--json", str(out / "coverage-no-assert.json"),
+         "--txt", str(out / "branches-no-assert.txt"), "--txt-metric", "branch", str(build)],
     ]
 
 
@@ -123,7 +145,20 @@ def run_gcovr(src: Path, build: Path, out: Path) -> list[FileCoverage]:
             if status != 0:
                 raise ConfigError(f"coverage: gcovr failed (status {status}); see "
                                   f"{out / 'gcovr.log'}")
-    return parse_gcovr_json(json.loads((out / "coverage.json").read_text()))
+    return read_report(out)
+
+
+def read_report(out: Path) -> list[FileCoverage]:
+    """The figures of a report dir: ``coverage.json``, with the branch figure of
+    ``coverage-no-assert.json`` beside them when that exists."""
+    files = parse_gcovr_json(json.loads((out / "coverage.json").read_text()))
+    filtered = out / "coverage-no-assert.json"
+    if filtered.is_file():
+        without = {f.path: f for f in parse_gcovr_json(json.loads(filtered.read_text()))}
+        for f in files:
+            if f.path in without:
+                f.branches_no_assert = without[f.path].branches
+    return files
 
 
 def _runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
@@ -155,6 +190,8 @@ def parse_gcovr_json(data: dict[str, object]) -> list[FileCoverage]:
             counts[no] = counts.get(no, 0) + int(ln["count"])
             func_of.setdefault(no, str(ln.get("function_name") or "?"))
             for i, b in enumerate(ln.get("branches", [])):
+                if b.get("gcovr/excluded"):
+                    continue  # left out by an --exclude-branches-by-pattern read
                 branches[(no, i)] = branches.get((no, i), 0) + int(b["count"])
         funcs: dict[str, int] = {}
         for fn in f.get("functions", []):
@@ -179,23 +216,34 @@ def total(files: Sequence[FileCoverage]) -> FileCoverage:
     def add(key: str) -> tuple[int, int]:
         pairs = [getattr(f, key) for f in files]
         return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
-    return FileCoverage("total", add("lines"), add("branches"), add("functions"))
+    filtered = [f.branches_no_assert for f in files]
+    no_assert = None if None in filtered else (sum(p[0] for p in filtered if p),
+                                               sum(p[1] for p in filtered if p))
+    return FileCoverage("total", add("lines"), add("branches"), add("functions"),
+                        branches_no_assert=no_assert)
+
+
+def _cell(pair: tuple[int, int] | None) -> str:
+    if pair is None:
+        return "-"
+    return f"{FileCoverage.percent(pair):.1f} % ({pair[0]}/{pair[1]})"
 
 
 def table(columns: Sequence[tuple[str, Sequence[FileCoverage]]]) -> str:
-    """A markdown table: one row per file (and the total), lines / branches per column."""
-    head = "| file | " + " | ".join(f"{name}: lines | {name}: branches" for name, _ in columns)
-    out = [head + " |", "|" + " --- |" * (1 + 2 * len(columns))]
+    """A markdown table: one row per file (and the total); per suite lines, branches (raw,
+    every branch gcov counts) and branches without those of assert/trace lines."""
+    head = "| file | " + " | ".join(f"{name}: lines | {name}: branches | "
+                                    f"{name}: {NO_ASSERT_LABEL}" for name, _ in columns)
+    out = [head + " |", "|" + " --- |" * (1 + 3 * len(columns))]
     for path in [*FILES, "total"]:
         cells = [f"`{path}`" if path != "total" else "**total**"]
         for _, files in columns:
             row = total(files) if path == "total" else next(
                 (f for f in files if f.path == path), None)
             if row is None:
-                cells += ["-", "-"]
+                cells += ["-", "-", "-"]
                 continue
-            cells += [f"{row.percent(row.lines):.1f} % ({row.lines[0]}/{row.lines[1]})",
-                      f"{row.percent(row.branches):.1f} % ({row.branches[0]}/{row.branches[1]})"]
+            cells += [_cell(row.lines), _cell(row.branches), _cell(row.branches_no_assert)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

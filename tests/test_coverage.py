@@ -8,9 +8,12 @@ and branches from it, which iotests it takes as upstream's bitmap tests, and the
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from harness import coverage as qcov
 from tests.conftest import REPO
@@ -52,11 +55,17 @@ def test_lines_branches_and_uncovered_runs_are_counted_per_line() -> None:
 
 def test_table_puts_suites_side_by_side_with_a_total() -> None:
     ours = qcov.parse_gcovr_json(_report())
-    theirs = [f for f in ours if f.path == "block/backup.c"]
+    theirs = [f for f in qcov.parse_gcovr_json(_report()) if f.path == "block/backup.c"]
+    ours[0].branches_no_assert = (1, 1)       # hbitmap.c: one branch was on an assert line
+    ours[1].branches_no_assert = (2, 2)
     text = qcov.table([("qiotests", ours), ("upstream", theirs)])
     rows = {r.split(" | ")[0].strip("| `*"): r for r in text.splitlines()}
-    assert "40.0 % (2/5) | 50.0 % (1/2) | - | -" in rows["util/hbitmap.c"]
-    assert rows["total"].endswith("50.0 % (3/6) | 75.0 % (3/4) | 100.0 % (1/1) | 100.0 % (2/2) |")
+    assert rows["file"].startswith("| file | qiotests: lines | qiotests: branches | "
+                                   "qiotests: branches w/o assert/trace | upstream: lines")
+    assert "40.0 % (2/5) | 50.0 % (1/2) | 100.0 % (1/1) | - | - | -" in rows["util/hbitmap.c"]
+    # the upstream column has no filtered report: its total says "-", never a made-up sum
+    assert rows["total"].endswith("50.0 % (3/6) | 75.0 % (3/4) | 100.0 % (3/3) | "
+                                  "100.0 % (1/1) | 100.0 % (2/2) | - |")
     assert set(qcov.FILES) <= set(rows)       # a file no suite ran is a row of dashes
 
 
@@ -92,12 +101,67 @@ def test_outcome_lines_of_both_suites() -> None:
 
 
 def test_gcovr_reads_only_the_bitmap_files_then_reports_from_its_json(tmp_path: Path) -> None:
-    read, lines, branches = qcov.gcovr_argvs("gcovr", Path("/s"), Path("/b"), tmp_path)
+    read, lines, branches, no_assert = qcov.gcovr_argvs("gcovr", Path("/s"), Path("/b"), tmp_path)
     filters = [read[i + 1] for i, a in enumerate(read) if a == "--filter"]
     assert filters == [re.escape(f"/s/{f}") + "$" for f in qcov.FILES]
     assert read[-3:] == ["--json", str(tmp_path / "coverage.json"), "/b"]
     assert "--add-tracefile" in lines and "--html-details" in lines
     assert branches[-2:] == ["--txt-metric", "branch"]
+    # the filtered figure reads the counters again (gcovr ignores exclusions on tracefiles)
+    assert no_assert[:len(read) - 3] == read[:-3] and no_assert[-1] == "/b"
+    assert qcov.ASSERT_TRACE_LINES in no_assert
+    assert str(tmp_path / "coverage-no-assert.json") in no_assert
+
+
+def test_assert_trace_pattern_matches_calls_only() -> None:
+    pattern = re.compile(qcov.ASSERT_TRACE_LINES)
+    for line in ("    assert(s->bcs);", "assert (a &&", "\tg_assert_cmpint(x, ==, 1);",
+                 "    trace_backup_do_cow_enter(job, start, offset, bytes);"):
+        assert pattern.match(line), line
+    for line in ("    if (assert_ok(x)) {", "    ret = trace_count;", "    x = 1; assert(y);",
+                 "    bdrv_assert_drained(bs);"):
+        assert not pattern.match(line), line
+
+
+C_PROGRAM = """#include <assert.h>
+#include <stdlib.h>
+
+static int half(int n)
+{
+    assert(n % 2 == 0);
+    if (n > 2) {
+        return n / 2;
+    }
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    return half(argc > 1 ? atoi(argv[1]) : 4) == 2 ? 0 : 1;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to build a gcov program")
+def test_real_gcovr_reports_both_branch_figures(tmp_path: Path) -> None:
+    """A real gcov build of a tiny C file named like a QEMU file, run once, then the
+    harness's own gcovr runs: the raw figure counts the assert's two branches (one never
+    taken), the second figure leaves exactly those out."""
+    src, build, out = tmp_path / "src", tmp_path / "build", tmp_path / "out"
+    (src / "util").mkdir(parents=True)
+    build.mkdir()
+    (src / "util" / "hbitmap.c").write_text(C_PROGRAM)
+    subprocess.run(["gcc", "--coverage", "-O0", "-o", str(build / "prog"),
+                    str(src / "util" / "hbitmap.c")], cwd=build, check=True)
+    subprocess.run([str(build / "prog")], cwd=build, check=True)
+    (hb,) = qcov.run_gcovr(src, build, out)
+    assert hb.path == "util/hbitmap.c"
+    assert hb.branches == (3, 6)              # assert: 1 of 2, if: 1 of 2, ?: 1 of 2
+    assert hb.branches_no_assert == (2, 4)    # the assert line's two are left out
+    assert hb.lines == (hb.lines[1] - 1, hb.lines[1])  # only "return 1;" is not run
+    assert (out / "branches-no-assert.txt").is_file()
+    table = qcov.table([("qiotests", [hb])])
+    assert "| 50.0 % (3/6) | 50.0 % (2/4) |" in table
 
 
 def test_cli_refuses_a_report_dir_inside_the_repo() -> None:
