@@ -408,7 +408,16 @@ class Oracle:
 
     def _device_write(self, view: View, target: str, kind: str, offset: int,
                       length: int) -> None:
-        """A write issued to ``target`` (a device or a node) lands in its active layer."""
+        """A write issued to ``target`` (a device or a node) lands in its active layer.
+
+        One issued to a ``snapshot-access`` node (a fleecing view) never reaches the disk
+        below it: QEMU fails a write there, and a discard drops that area from the view,
+        discarding it in the copy-before-write filter's target (the fleecing image)."""
+        fleecing = self._fleecing_target(view, target)
+        if fleecing is not None:
+            if kind != "data" and fleecing in view.graph and view.graph[fleecing].unmap:
+                mark_dirty(view.model, fleecing, offset, length)
+            return
         node = self._landing(view, target)
         if kind == "data":
             self._write(view, node, offset, length)
@@ -962,7 +971,7 @@ class Oracle:
         """A node and, inline, its children; returns its name."""
         driver = str(opts.get("driver"))
         children: dict[str, str] = {}
-        for role in ("file", "backing", "image"):
+        for role in ("file", "backing", "image", "target"):
             child = opts.get(role)
             if isinstance(child, dict):
                 children[role] = self._add_node(vm, view, child)
@@ -1044,6 +1053,23 @@ class Oracle:
             node = g.children[FILTERS[g.driver]]
         return node
 
+    def _fleecing_target(self, view: View, name: str) -> str | None:
+        """Where a request to ``name`` goes when it passes a ``snapshot-access`` node: the
+        landing node of its copy-before-write filter's target ("" when the oracle does not
+        know it); None when it passes none."""
+        node = self._resolve(view, name)
+        for _ in range(10):
+            g = view.graph.get(node)
+            if g is None or g.driver not in FILTERS:
+                return None
+            if g.driver == "snapshot-access":
+                cbw = view.graph.get(g.children.get("file", ""))
+                target = cbw.children.get("target") if cbw is not None else None
+                return (self._landing(view, target)
+                        if target is not None and target in view.graph else "")
+            node = g.children[FILTERS[g.driver]]
+        return None
+
     def _snapshot(self, view: View, base: str, overlay: str, add_backing: bool = True) -> None:
         """The overlay goes on top of ``base``: the device now writes into it, and QEMU
         reopens ``base`` read-only as a backing file (storing its persistent bitmaps)."""
@@ -1063,7 +1089,7 @@ class Oracle:
         gnode = view.graph[str(opts["node-name"])]
         ro = bool(opts.get("read-only", False))
         gnode.unmap = _unmaps(opts)  # an option left out is reset to its default
-        for role in ("file", "backing", "image"):
+        for role in ("file", "backing", "image", "target"):
             child = opts.get(role)
             if isinstance(child, str):
                 gnode.children[role] = child

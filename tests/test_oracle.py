@@ -236,3 +236,27 @@ def test_a_bitmap_loaded_inconsistent_stays_in_use_after_a_clean_quit(case: Case
                  "disk.qcow2", "copy.qcow2")
     assert case.oracle.image("copy.qcow2").bitmaps == {}
     assert case.check_disk("copy.qcow2") == []
+
+
+def test_a_discard_on_a_fleecing_view_does_not_reach_the_disk(case: Case) -> None:
+    """A discard sent to a ``snapshot-access`` node drops that area from the view (and
+    discards the copy in the fleecing image); the disk under the filter is not touched,
+    so its bitmap stays clean, exactly."""
+    case.img.create("disk.qcow2", 8 * MiB)
+    case.img.create("fleece.qcow2", 8 * MiB)
+    vm = case.vm(args=blockdev(qcow2_node(case.path("disk.qcow2"), "drive0", discard="unmap")),
+                 machine_type="none")
+    vm.launch()
+    vm.qmp("block-dirty-bitmap-add", node="drive0", name="b")
+    vm.qmp("blockdev-add", qcow2_node(case.path("fleece.qcow2"), "fleece", backing=None,
+                                      discard="unmap"))
+    vm.qmp("blockdev-add", driver="copy-before-write", node_name="cbw", file="drive0",
+           target="fleece", discard="unmap")
+    vm.qmp("blockdev-add", driver="snapshot-access", node_name="view", file="cbw",
+           discard="unmap")
+    vm.qemu_io("view", "discard 0 0x10000")
+    case.oracle.check_exact(vm, "drive0", ["b"], "after a discard on the view")
+    vm.qemu_io("cbw", "discard 0x100000 0x10000")  # through the filter: it reaches the disk
+    (v,) = case.oracle.check_exact(vm, "drive0", ["b"], "after a discard through the filter")
+    assert list(v.actual) == [(0x100000, 0x10000)]
+    vm.shutdown()
