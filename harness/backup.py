@@ -363,10 +363,18 @@ def copy_whole_export(qio: Case, export: NbdExport, target: str) -> None:
     qio.log.log(f"copied the whole export {export.name!r} into {Path(target).name}")
 
 
-def compare_export(qio: Case, export: NbdExport, ref: Reference) -> Comparison:
-    """Compare what the export shows now with a reference image (whole disk, by content)."""
+def compare_export(qio: Case, export: NbdExport, ref: Reference,
+                   window: tuple[int, int] | None = None) -> Comparison:
+    """Compare what the export shows now with a reference image, by content: the whole
+    disk, or only ``window`` (offset, length: a raw slice of both; a mismatch's offset is
+    then relative to the window's start)."""
+    export_opts = export.image_opts()
     ref_opts = f"driver=qcow2,file.driver=file,file.filename={ref.image}"
-    res = qio.img.run("compare", "--image-opts", export.image_opts(), ref_opts, check=False)
+    if window is not None:
+        cut = f"driver=raw,offset={window[0]},size={window[1]},"
+        export_opts = cut + export.image_opts(prefix="file.")
+        ref_opts = cut + ",".join(f"file.{o}" for o in ref_opts.split(","))
+    res = qio.img.run("compare", "--image-opts", export_opts, ref_opts, check=False)
     if res.status == 0:
         return Comparison(True, None, Extents())
     if res.status != 1:
