@@ -24,9 +24,10 @@ import pytest
 
 from harness.actions import add_target, backup_job, del_target, full_backup, writes
 from harness.actions import bitmap_add as add_bitmap_action
-from harness.backup import host_offset, reference, verify_restore
+from harness.backup import Chain, host_offset, received, reference, verify_restore
 from harness.bitmaps import live_bitmap
 from harness.block import blockdev
+from harness.model import Extents, format_ranges
 from harness.session import Case
 from harness.vm import VM
 
@@ -273,4 +274,51 @@ def test_refusal_names_the_node(qio: Case, refused: str) -> None:
     desc = reply["error"]["desc"]
     assert f"'{node}'" in desc or desc.rstrip().endswith(node), (
         f"the refusal does not name node {node!r}: {desc!r}")
+    vm.shutdown()
+
+
+# -- sync=top: only what the top layer holds ----------------------------------------------
+
+BASE_DATA = ((0, 0x30000), (0x200000, 0x10000))
+TOP_DATA = ((0x10000, 0x10000), (0x100000, 0x20000), (0x3F0000, 0x10000))
+#: the first L2 table the top image loads: nothing reads top.qcow2's mapping before the
+#: backup job asks which clusters the top holds
+SCAN_EIO = {"event": "l2_load", "iotype": "read", "errno": EIO, "once": True}
+
+
+@pytest.mark.parametrize("scan", ["ok", "scan-error"])
+def test_sync_top(qio: Case, scan: str) -> None:
+    """``sync=top`` copies the clusters the top layer holds, found by a scan of its
+    allocation before the copy; a scan that cannot read the mapping must fail the job."""
+    qio.img.create("base.qcow2", SIZE)
+    qio.io.io("base.qcow2", *(f"write -P 0x11 {o:#x} {n:#x}" for o, n in BASE_DATA),
+              log=True)
+    qio.img.create("top.qcow2", SIZE, backing="base.qcow2")
+    qio.io.io("top.qcow2", *(f"write -P 0x22 {o:#x} {n:#x}" for o, n in TOP_DATA),
+              log=True)
+    file: dict[str, Any] = {"driver": "file", "filename": str(qio.path("top.qcow2"))}
+    if scan == "scan-error":
+        file = {"driver": "blkdebug", "image": file, "inject-error": [SCAN_EIO]}
+    vm = qio.vm(machine_type="none", args=blockdev({
+        "driver": "qcow2", "node-name": "top", "file": file,
+        "backing": {"driver": "qcow2", "node-name": "base", "read-only": True,
+                    "file": {"driver": "file", "filename": str(qio.path("base.qcow2"))}}}))
+    vm.launch()
+
+    qio.log.heading(f"a sync=top backup of top onto an overlay of base ({scan})")
+    ref = reference(qio, vm, "top", "top.qcow2", 1)
+    add_target(qio, vm, "topcopy.qcow2", SIZE, backing="base.qcow2")
+    vm.qmp_log("blockdev-backup", backup_job("backup1", "top", "topcopy", sync="top"))
+    error = vm.run_job("backup1")
+    del_target(vm, "topcopy.qcow2")
+    if scan == "scan-error":
+        assert error == "Input/output error", f"a failed allocation scan ended {error!r}"
+        assert not received(qio.img, "topcopy.qcow2"), "the failed job copied data"
+    else:
+        assert error is None, f"backup1 failed: {error}"
+        held, top = received(qio.img, "topcopy.qcow2"), Extents(TOP_DATA)
+        assert held == top, (f"topcopy.qcow2 holds {format_ranges(held)}, not the top "
+                             f"layer's {format_ranges(top)}")
+        qio.log.log(f"topcopy.qcow2 holds exactly the top layer's clusters {format_ranges(held)}")
+        verify_restore(qio, Chain(("base.qcow2", "topcopy.qcow2")), ref, "backup-1")
     vm.shutdown()
