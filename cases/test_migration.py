@@ -57,6 +57,7 @@ from harness.actions import (
     full_backup,
     guest_writes,
     incremental_backup,
+    migrate,
     migration_caps,
     wait_migration,
     writes,
@@ -123,10 +124,7 @@ def test_shared_storage_precopy(qio: Case, capability: bool) -> None:
     qio.log.heading("migrate, writing on the source while the migration is active")
     for vm in (src, dst):
         migration_caps(vm, events=True, dirty_bitmaps=capability)
-    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
-    src.qmp_log("migrate", uri=f"unix:{sock}")
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, f"unix:{sock}", max_bandwidth=THROTTLED) == "active"
     writes(src, NODE, DURING, 0x33)
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
     assert wait_migration(src) == "completed"
@@ -153,9 +151,7 @@ def start_throttled(qio: Case, src: VM, dst: VM, sock: str) -> None:
     """Capabilities on both sides, then a migration that stays active (throttled)."""
     for vm in (src, dst):
         migration_caps(vm, events=True, dirty_bitmaps=True)
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
-    src.qmp_log("migrate", uri=sock)
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, sock, max_bandwidth=THROTTLED) == "active"
 
 
 def fail_migration(qio: Case, src: VM, dst: VM, how: str) -> None:
@@ -275,8 +271,7 @@ def test_failed_migration_then_retry(qio: Case, how: str) -> None:
     dst2 = vm_for(qio, "dst2", "disk.qcow2", incoming=second)
     dst2.launch()
     migration_caps(dst2, events=True, dirty_bitmaps=True)
-    src.qmp_log("migrate", uri=second)
-    assert wait_migration(src) == "completed"
+    assert migrate(src, dst2, second, until=("completed",)) == "completed"
     assert wait_migration(dst2) == "completed"
     qio.show_bitmaps(dst2, NODE, hashes=False)
     qio.check_live(dst2, NODE)
@@ -329,11 +324,9 @@ def test_shared_storage_postcopy(qio: Case, ram: bool) -> None:
     qio.log.heading("pre-copy, writing on the source, then the switch to post-copy")
     for vm in (src, dst):
         postcopy_caps(qio, vm, ram)
-    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED,
-                max_postcopy_bandwidth=THROTTLED, downtime_limit=SHORT_DOWNTIME)
-    src.qmp_log("migrate", uri=f"unix:{sock}")
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, f"unix:{sock}", max_bandwidth=THROTTLED,
+                   max_postcopy_bandwidth=THROTTLED,
+                   downtime_limit=SHORT_DOWNTIME) == "active"
     writes(src, NODE, DURING, 0x33)
     src.qmp_log("migrate-start-postcopy")
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
@@ -400,10 +393,7 @@ def start_storage_migration(qio: Case, src: VM, dst: VM, n: int) -> None:
     migration_caps(src, events=True, dirty_bitmaps=True, pause_before_switchover=True)
     migration_caps(dst, events=True, dirty_bitmaps=True)
     mig = f"unix:{qio.sockdir / f'mig{n}.sock'}"
-    dst.qmp_log("migrate-incoming", uri=mig)
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
-    src.qmp_log("migrate", uri=mig)
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, mig, max_bandwidth=THROTTLED) == "active"
 
 
 def finish_storage_migration(qio: Case, src: VM, dst: VM, n: int) -> None:
@@ -534,10 +524,7 @@ def test_bitmap_mapping_aliases(qio: Case) -> None:
     for vm, mapping in ((src, SRC_MAP), (dst, DST_MAP)):
         migration_caps(vm, events=True, dirty_bitmaps=True)
         vm.qmp_log("migrate-set-parameters", block_bitmap_mapping=mapping)
-    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED)
-    src.qmp_log("migrate", uri=f"unix:{sock}")
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, f"unix:{sock}", max_bandwidth=THROTTLED) == "active"
     writes(src, NODE, DURING, 0x33)
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
     assert wait_migration(src) == "completed"
@@ -574,10 +561,8 @@ def test_postcopy_source_killed(qio: Case) -> None:
     qio.log.heading("post-copy of the bitmaps; the source dies on the way")
     for vm in (src, dst):
         postcopy_caps(qio, vm, ram=False)
-    dst.qmp_log("migrate-incoming", uri=f"unix:{sock}")
-    src.qmp_log("migrate-set-parameters", max_postcopy_bandwidth=THROTTLED,
-                downtime_limit=SHORT_DOWNTIME)
-    src.qmp_log("migrate", uri=f"unix:{sock}")
+    migrate(src, dst, f"unix:{sock}", until=None, max_postcopy_bandwidth=THROTTLED,
+            downtime_limit=SHORT_DOWNTIME)
     src.qmp_log("migrate-start-postcopy")
     assert wait_migration(src, until=("postcopy-active",)) == "postcopy-active"
     dst.event_wait("RESUME")
@@ -629,10 +614,8 @@ def test_guest_writes_while_migrating(qio: Case, postcopy: bool) -> None:
     qio.log.heading("the guest writes while the migration is active")
     for vm in (src, dst):
         migration_caps(vm, events=True, dirty_bitmaps=True)
-    src.qmp_log("migrate-set-parameters", max_bandwidth=THROTTLED,
-                max_postcopy_bandwidth=THROTTLED, downtime_limit=10)
-    src.qmp_log("migrate", uri=mig)
-    assert wait_migration(src, until=("active",)) == "active"
+    assert migrate(src, dst, mig, max_bandwidth=THROTTLED,
+                   max_postcopy_bandwidth=THROTTLED, downtime_limit=10) == "active"
     src.guest.write(0x400000, 0x1000, 0x33)
     src.guest.write(0x7FFE00, 0x400, 0x33)
     if postcopy:

@@ -11,8 +11,9 @@ anything. Keyword names are QMP names with ``_`` for ``-`` throughout.
 * :func:`backup`: ``blockdev-backup`` with ``auto-dismiss: false`` run to its end;
 * :func:`full_backup`, :func:`incremental_backup`: a backup that is restored and
   compared with the source at its start at once;
-* :func:`migration_caps`, :func:`wait_migration`: live migration between two VMs of the
-  case (the oracle follows the bitmaps from the source's ``migrate`` to the destination).
+* :func:`migration_caps`, :func:`migrate`, :func:`wait_migration`: live migration between
+  two VMs of the case (the oracle follows the bitmaps from the source's ``migrate`` to the
+  destination).
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ def migration_caps(vm: VM, **caps: bool) -> None:
     """``migrate-set-capabilities`` (``dirty_bitmaps=True, events=True``)."""
     vm.qmp_log("migrate-set-capabilities", capabilities=[
         {"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()])
+
+
+def migrate(src: VM, dst: VM, uri: str, until: Sequence[str] | None = ("active",),
+            **params: Any) -> str | None:
+    """Start a migration from ``src`` to ``dst`` over ``uri`` (``unix:PATH``), capabilities
+    already set on both (:func:`migration_caps`): the destination listens
+    (``migrate-incoming``, unless it was started with ``-incoming URI``), the source's
+    ``params`` are set (one ``migrate-set-parameters``: ``max_bandwidth=...``), then
+    ``migrate``. Waits for a status in ``until`` (or an end) and returns it; None with
+    ``until=None`` (the case goes on at once, e.g. to ``migrate-start-postcopy``)."""
+    if dst.args[dst.args.index("-incoming") + 1] == "defer":
+        dst.qmp_log("migrate-incoming", uri=uri)
+    if params:
+        src.qmp_log("migrate-set-parameters", **params)
+    src.qmp_log("migrate", uri=uri)
+    return None if until is None else wait_migration(src, until=until)
 
 
 #: where a migration stops moving: its end, or a pause that waits for the case
