@@ -581,6 +581,44 @@ def test_postcopy_source_killed(qio: Case) -> None:
     qio.show_image_bitmaps("disk.qcow2")
 
 
+@pytest.mark.requires(qmp=["migrate-start-postcopy"],
+                      args=["migrate-set-parameters.max-postcopy-bandwidth",
+                            "migrate-set-parameters.downtime-limit"])
+def test_postcopy_destination_killed(qio: Case) -> None:
+    """Post-copy of the bitmaps alone, the destination SIGKILLed while they are on the
+    way: the source waits in ``postcopy-paused`` for a recovery that cannot come (the guest
+    ran on the destination; the source's RAM and disks are stale). What must hold: the
+    source still has every bitmap as it sent it, and its images stay handed over, so when
+    it quits it stores nothing: the image has no bitmaps (none was stored before), not a
+    stale copy that would load as valid."""
+    qio.img.create("disk.qcow2", POSTCOPY_SIZE)
+    sock = qio.sockdir / "mig.sock"
+    src = vm_for(qio, "src", "disk.qcow2")
+    dst = vm_for(qio, "dst", "disk.qcow2", incoming="defer")
+    src.launch()
+    dst.launch()
+    add_bitmaps(src)
+
+    qio.log.heading("post-copy of the bitmaps; the destination dies on the way")
+    for vm in (src, dst):
+        postcopy_caps(qio, vm, ram=False)
+    migrate(src, dst, f"unix:{sock}", until=None, max_postcopy_bandwidth=THROTTLED,
+            downtime_limit=SHORT_DOWNTIME)
+    src.qmp_log("migrate-start-postcopy")
+    assert wait_migration(src, until=("postcopy-active",)) == "postcopy-active"
+    dst.event_wait("RESUME")
+    qio.log.log("dst: RESUME")
+    writes(dst, NODE, AFTER, 0x44)
+    dst.kill(signal.SIGKILL)
+    qio.log.log("dst: killed with SIGKILL")
+    assert wait_migration(src, until=("postcopy-paused",)) == "postcopy-paused"
+    kept = qio.show_bitmaps(src, NODE, hashes=False)
+    assert {b.name for b in kept} == {b[0] for b in BITMAPS}, "the source lost bitmaps"
+    assert all(b.busy for b in kept), "a bitmap still on the way is usable on the source"
+    src.shutdown()
+    qio.show_image_bitmaps("disk.qcow2")
+
+
 # -- a real Linux guest writes while it migrates ----------------------------------------------
 
 

@@ -61,10 +61,14 @@ def vm(qio: Case, name: str, image: str, **kw: Any) -> VM:
 
 
 def said(qio: Case, who: VM, text: str) -> None:
-    """QEMU told ``who``'s stderr ``text`` (the why of a refusal); logged as found."""
+    """QEMU told ``who`` ``text`` (the why of a refusal), on its stderr or, for a VM still
+    running, in ``query-migrate``'s ``error-desc`` (where newer QEMUs put what older ones
+    printed); logged as found, wherever it was."""
     log = who.log_path.read_text(errors="replace")
+    if who.state == "running":
+        log += "\n" + str(who.qmp("query-migrate").get("error-desc", ""))
     assert text in log, f"vm {who.name!r} did not say {text!r}; its log:\n{log[-2000:]}"
-    qio.log.log(f"{who.name}: stderr says: ...{text}...")
+    qio.log.log(f"{who.name}: says: ...{text}...")
 
 
 def mapping(node: str, alias: str, *bitmaps: tuple[str, str],
@@ -297,8 +301,8 @@ def test_destination_refuses(qio: Case, how: str) -> None:
     status = migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}", until=MIGRATION_ENDS)
     if how == "bitmap-exists":
         assert status == "failed"
-        said(qio, dst, "Bitmap with the same name ('b0') already exists on destination")
         qio.log.log(f"dst: exited by itself with status {dst.wait_exit()}")
+        said(qio, dst, "Bitmap with the same name ('b0') already exists on destination")
         assert src.qmp("query-status")["status"] == "running"
         qio.check_live(src, NODE)
         writes(src, NODE, ((0x800000, 0x1000),), 0x33)
