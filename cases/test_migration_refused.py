@@ -29,11 +29,14 @@ the log of the VM that refused and writes the part it looked for into the transc
 from __future__ import annotations
 
 import signal
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness import migstream
 from harness.actions import (
     MIGRATION_ENDS,
     bitmap_add,
@@ -339,3 +342,112 @@ def test_destination_transform(qio: Case, persistent: bool) -> None:
     src.shutdown()
     dst.shutdown()
     qio.show_image_bitmaps("disk.qcow2")
+
+
+# -- a stream no QEMU sends: the destination's reader --------------------------------------
+
+CHUNK_LIMIT = 10 * 1024  # QEMU refuses to allocate a bits buffer larger than this
+
+
+def saved_stream(qio: Case) -> Path:
+    """The source, with b0 and t0 (transient: it stores nothing either way), migrates into
+    a file, the stream a destination would have read; then it quits."""
+    src = vm(qio, "src", "disk.qcow2", create=SIZE, launch=True)
+    two_bitmaps(src)
+    migration_caps(src, events=True, dirty_bitmaps=True)
+    saved = qio.path("saved.mig")
+    src.qmp_log("migrate", uri=f"exec:cat > {saved}")
+    assert wait_migration(src) == "completed"
+    src.shutdown()
+    return saved
+
+
+def named(data: bytes, c: migstream.Chunk) -> int:
+    """Where chunk ``c``'s bitmap alias (a counted string) starts."""
+    pos = c.at + 1
+    return pos + 1 + data[pos] if c.flags & migstream.DEVICE_NAME else pos
+
+
+def first(cs: list[migstream.Chunk], flag: int, bitmap: str | None = None) -> migstream.Chunk:
+    return next(c for c in cs if c.flags & flag and (bitmap is None or c.bitmap == bitmap)
+                and not c.flags & migstream.ZEROES)
+
+
+Edit = Callable[[bytes, list[migstream.Chunk]], bytes]
+#: name: (the edit, what the destination does: "accepted", "dropped" or "refused", and the
+#: part of its message the case looks for)
+EDITS: dict[str, tuple[Edit, str, str]] = {
+    "flags-in-two-bytes": (
+        lambda d, cs: migstream.splice(d, cs[0].at, 0, b"\x80"), "accepted", ""),
+    "flags-in-four-bytes": (
+        lambda d, cs: migstream.splice(d, cs[0].at, 1, bytes([0x80, 0x80, 0, d[cs[0].at]])),
+        "accepted", ""),
+    "section-version-0": (
+        lambda d, cs: migstream.splice(d, cs[0].version_at, 4, bytes(4)), "refused",
+        "error while loading state for instance 0x0 of device 'dirty-bitmap'"),
+    "unknown-start-flag": (
+        lambda d, cs: migstream.splice(d, cs[0].start_flags_at, 1,
+                                       bytes([d[cs[0].start_flags_at] | 0x08])),
+        "refused", "Unknown flags in migrated dirty bitmap header"),
+    "buffer-too-large": (
+        lambda d, cs: migstream.splice(d, first(cs, migstream.BITS).buf_size_at, 8,
+                                       struct.pack(">Q", CHUNK_LIMIT + 1)),
+        "refused", "buffer allocation request is too large"),
+    "cut-in-the-bits": (
+        lambda d, cs: d[:first(cs, migstream.BITS).buf_at + 4], "refused",
+        "Failed to read bitmap bits"),
+    "cut-in-the-node-alias": (
+        lambda d, cs: d[:cs[0].at + 3], "refused", "Unable to read node alias string"),
+    "cut-in-the-bitmap-alias": (
+        lambda d, cs: d[:named(d, cs[0]) + 2], "refused", "Unable to read bitmap alias string"),
+    "first-chunk-without-node": (
+        lambda d, cs: migstream.splice(d, cs[0].at, named(d, cs[0]) - cs[0].at,
+                                       bytes([cs[0].flags & ~migstream.DEVICE_NAME])),
+        "dropped", "block device name is not set"),
+    "first-chunk-without-bitmap": (
+        lambda d, cs: migstream.splice(d, cs[0].at, 1, bytes(
+            [cs[0].flags & ~migstream.BITMAP_NAME])).replace(
+            d[named(d, cs[0]):cs[0].granularity_at], b"", 1),
+        "dropped", "block device name is not set"),
+    "bits-for-an-unknown-bitmap": (
+        lambda d, cs: migstream.splice(d, named(d, first(cs, migstream.BITS)) + 1, 1, b"x"),
+        "dropped", "unknown dirty bitmap 'x0'"),
+    "granularity-not-the-bits-one": (
+        lambda d, cs: migstream.splice(d, first(cs, migstream.START, "b0").granularity_at, 4,
+                                       struct.pack(">I", 65536)),
+        "dropped", "Migrated bitmap granularity doesn't match"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_edited_stream(qio: Case, edit: str) -> None:
+    """A destination reads a saved migration whose bitmap chunks the case edited
+    (``harness/migstream.py``), as a broken or hostile sender could: flags in the longer
+    forms the format allows are read as the one-byte form (``accepted``: b0 and t0 arrive
+    whole); a stream cut short, an unknown section version or start flag, a bits buffer
+    over QEMU's limit fail the whole incoming migration (``refused``: the destination
+    exits, having changed nothing); a chunk the destination cannot place (no node or bitmap
+    named where one must be, bits for a bitmap never started, bits whose size does not
+    match the granularity) makes it drop every migrated bitmap and run on (``dropped``),
+    never keep a bitmap built from garbage."""
+    saved = saved_stream(qio)
+    data = saved.read_bytes()
+    change, outcome, why = EDITS[edit]
+    edited = qio.path("edited.mig")
+    edited.write_bytes(change(data, migstream.chunks(data)))
+    qio.oracle.stream_edited(saved, edited, edit, dropped=outcome == "dropped")
+
+    qio.log.heading(f"a destination reads the edited stream: {outcome}")
+    dst = vm(qio, "dst", "disk.qcow2", incoming="defer", launch=True)
+    migration_caps(dst, events=True, dirty_bitmaps=True)
+    dst.qmp_log("migrate-incoming", uri=f"exec:cat {edited}")
+    if outcome == "refused":
+        qio.log.log(f"dst: exited by itself with status {dst.wait_exit()}")
+        said(qio, dst, why)
+        return
+    assert wait_migration(dst) == "completed"
+    if why:
+        said(qio, dst, why)
+    shown = qio.show_bitmaps(dst, NODE, hashes=False)
+    assert (outcome == "accepted") == bool(shown), f"{outcome}, yet the bitmaps are {shown}"
+    writes(dst, NODE, ((0x800000, 0x1000),), 0x33)

@@ -64,6 +64,7 @@ class Migration:
     arrived: bool = False  # the destination took over (bitmaps created there)
     done: set[str] = field(default_factory=set)  # "source", "dest": seen their end
     landed: list[tuple[str, str]] = field(default_factory=list)  # (node, bitmap) on dest
+    file: str | None = None  # the file a migration to one wrote (see file_of)
 
     @property
     def in_flight(self) -> bool:
@@ -82,6 +83,18 @@ def uri_of(args: Mapping[str, Any]) -> str | None:
                 and addr.get("transport") == "socket" and addr.get("type") == "unix"):
             return f"unix:{addr.get('path')}"
     return None
+
+
+def file_of(uri: str | None, writes: bool) -> str | None:
+    """The file a migration through one writes (``exec:cat > PATH``, ``writes``) or reads
+    (``exec:cat PATH``); None for any other address. A destination reading the file takes
+    over the migration that wrote it (or a copy the case edited, see
+    :meth:`harness.oracle.Oracle.stream_edited`)."""
+    prefix = "exec:cat > " if writes else "exec:cat "
+    if uri is None or not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix):].strip()
+    return None if not path or path.startswith((">", "<", "|")) else path
 
 
 def _node_map(mapping: Iterable[dict[str, Any]] | None,

@@ -64,7 +64,15 @@ from harness.bitmaps import (
 from harness.block import qemu_io_failures
 from harness.errors import OracleFailure, Qcow2FormatError, UnmodelledCommand
 from harness.machine import Machine
-from harness.migration import FAILED, SWITCHED, Migration, received, to_send, uri_of
+from harness.migration import (
+    FAILED,
+    SWITCHED,
+    Migration,
+    file_of,
+    received,
+    to_send,
+    uri_of,
+)
 from harness.model import (
     Extents,
     Model,
@@ -756,11 +764,16 @@ class Oracle:
             view.mapping = list(a["block-bitmap-mapping"])
         elif cmd == "migrate-incoming":
             view.incoming = uri_of(a) or str(a)
+            path = file_of(view.incoming, writes=False)
+            saved = [m for m in self.migrations if path is not None and m.file == path]
+            if saved and saved[-1].dest is None:
+                saved[-1].dest = vm.name  # the destination reads what the source saved
         elif cmd == "migrate":
             uri = uri_of(a) or str(a)
             m = Migration(vm.name, self._incoming_vm(uri), uri,
                           bool(view.caps.get("dirty-bitmaps")),
-                          None if view.mapping is None else list(view.mapping))
+                          None if view.mapping is None else list(view.mapping),
+                          file=file_of(uri, writes=True))
             self.migrations.append(m)
         elif cmd == "cont" and any(m.source == vm.name and m.switched
                                    for m in self.migrations):
@@ -909,6 +922,23 @@ class Oracle:
                 mnode.bitmaps.pop(name, None)
         self.log.log(f"oracle ({m.dest}): the source died in post-copy: the bitmaps on "
                      f"the way are dropped ({', '.join(n for _, n in m.landed) or 'none'})")
+
+    def stream_edited(self, original: str | Path, edited: str | Path, why: str,
+                      dropped: bool) -> None:
+        """The migration stream a ``migrate`` saved to ``original`` was copied to
+        ``edited`` with its bitmap part changed by the case (``harness/migstream.py``): a
+        destination reading ``edited`` gets what the source sent, or with ``dropped`` none
+        of it (QEMU cancels the incoming bitmaps at the first chunk it cannot place and
+        drops every one not finished, which is all of them until the stream's end)."""
+        saved = [m for m in self.migrations if m.file == str(original)]
+        if not saved:
+            raise UnmodelledCommand(f"no migration of this case saved its stream to "
+                                    f"{original}")
+        m = saved[-1]
+        self.migrations.append(dataclasses.replace(m, file=str(edited), dest=None, done=set(m.done),
+                                       landed=[], sent=[] if dropped else m.sent))
+        self.log.log(f"oracle: {Path(edited).name} is {Path(original).name} edited: {why}"
+                     + ("; no migrated bitmap survives it" if dropped else ""))
 
     # -- NBD exports and the client nodes that write into them -----------------------------
 
