@@ -1035,8 +1035,9 @@ class Oracle:
                 image.in_use |= gnode.on_disk
                 view.rw_images[path] = image
         elif driver not in FILTERS and driver != "file":
-            view.model.node(name, self._image(path).size if path is not None
-                            else _node_size(vm, name))
+            # a raw image has no header to read its size from: ask QEMU
+            size = self._image(path).size if path is not None else 0
+            view.model.node(name, size or _node_size(vm, name))
         if view.model.nodes.get(name) is not None and view.model.nodes[name].bitmaps:
             self.had_bitmaps = True
         return name
