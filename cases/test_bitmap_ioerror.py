@@ -111,8 +111,25 @@ def test_store_at_shutdown(qio: Case, fault: str) -> None:
     verify_after(qio, "after a failed store at shutdown")
 
 
+def end_vm(qio: Case, vm: VM, end: str) -> None:
+    """The end after the failed step: a crash, or a clean quit (whose store goes through
+    the still failing file) - each must leave an image that tells the truth."""
+    if end == "crash":
+        vm.kill()
+        qio.log.log("SIGKILL vm0")
+    else:
+        mark = log_size(vm)
+        status = vm.shutdown(check=False)
+        qio.log.log(f"quit: QEMU exit status {status}")
+        qemu_said(qio, vm, mark)
+
+
+ENDS = ("crash", "quit")
+
+
+@pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_store_at_read_only_reopen(qio: Case, fault: str) -> None:
+def test_store_at_read_only_reopen(qio: Case, fault: str, end: str) -> None:
     vm = written_then_armed(qio, fault)
     qio.log.heading("reopen read-only: the store fails")
     mark = log_size(vm)
@@ -122,15 +139,15 @@ def test_store_at_read_only_reopen(qio: Case, fault: str) -> None:
     qio.show_bitmaps(vm, NODE, hashes=False)
     if "return" not in reply:
         # the node stayed read-write: its bitmap must keep tracking writes
-        qio.log.heading("still read-write: writes, then a crash")
+        qio.log.heading(f"still read-write: writes, then a {end}")
         try_writes(qio, vm)
-    vm.kill()
-    qio.log.log("SIGKILL vm0")
-    verify_after(qio, "after a failed read-only reopen and a crash")
+    end_vm(qio, vm, end)
+    verify_after(qio, f"after a failed read-only reopen and a {end}")
 
 
+@pytest.mark.parametrize("end", ENDS)
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_in_use_at_read_write_reopen(qio: Case, fault: str) -> None:
+def test_in_use_at_read_write_reopen(qio: Case, fault: str, end: str) -> None:
     """The most dangerous moment: if QEMU let the node become read-write with the bitmap
     recording but not marked in use on disk, a crash would leave a valid-looking bitmap
     that misses the writes made afterwards."""
@@ -144,9 +161,38 @@ def test_in_use_at_read_write_reopen(qio: Case, fault: str) -> None:
     qio.show_bitmaps(vm, NODE, hashes=False)
     flags = qio.show_image_bitmaps("disk.qcow2", force_share=True)
     if "return" in reply:
-        qio.log.heading("the node is read-write: writes, then a crash")
+        qio.log.heading(f"the node is read-write: writes, then a {end}")
         try_writes(qio, vm)
-    vm.kill()
-    qio.log.log("SIGKILL vm0")
+    end_vm(qio, vm, end)
     assert flags, "the bitmap vanished from the image"
-    verify_after(qio, "after a failed in-use update and a crash")
+    verify_after(qio, f"after a failed in-use update and a {end}")
+
+
+def test_store_clean_bitmap_at_shutdown(qio: Case) -> None:
+    """A bitmap with no dirty bit has no data clusters: its bitmap table is the first
+    thing the store writes, and that write fails. The bitmap must stay in use."""
+    vm = setup(qio)
+    writes(vm, NODE, BEFORE)
+    vm.qmp_log("block-dirty-bitmap-clear", node=NODE, name="b0")
+    insert_fault(qio, vm, "all-writes", read_only=False)
+    qio.log.heading("quit: the store of the bitmap table fails")
+    mark = log_size(vm)
+    qio.log.log(f"QEMU exit status: {vm.shutdown(check=False)}")
+    qemu_said(qio, vm, mark)
+    verify_after(qio, "after a failed store of a clean bitmap")
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_remove_persistent(qio: Case, fault: str) -> None:
+    """block-dirty-bitmap-remove must delete the bitmap from the image before it lets go
+    of it in RAM. When the image cannot be written, the remove fails and the bitmap
+    stays, recording; the image must still describe it truthfully."""
+    vm = written_then_armed(qio, fault)
+    qio.log.heading("remove b0: the image update fails")
+    mark = log_size(vm)
+    vm.qmp_log("block-dirty-bitmap-remove", node=NODE, name="b0", expect_error=True)
+    qemu_said(qio, vm, mark)
+    qio.show_bitmaps(vm, NODE, hashes=False)
+    try_writes(qio, vm)
+    end_vm(qio, vm, "quit")
+    verify_after(qio, "after a failed remove")

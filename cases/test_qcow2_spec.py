@@ -16,6 +16,7 @@ the spec says and is kept as a non-strict xfail with the versions it was seen on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -27,11 +28,12 @@ import pytest
 
 from harness.bitmaps import image_bitmaps, live_bitmaps
 from harness.block import qcow2_node
-from harness.errors import ToolError
+from harness.errors import MachineError, ToolError
 from harness.model import format_ranges
 from harness.qcow2 import BME_FLAG_AUTO, BME_FLAG_IN_USE, Qcow2Image
 from harness.qcow2_writer import BitmapSpec, Written, patch_header, write_bitmaps
 from harness.session import Case
+from harness.vm import VM
 
 SIZE = 4 << 20
 DISK = "disk.qcow2"
@@ -402,6 +404,7 @@ FORBIDDEN: dict[str, dict[str, Any]] = {
     "directory-offset-unaligned": dict(patch=_unaligned_dir),
     "directory-size-larger": dict(patch=_dir_size(8)),
     "directory-size-smaller": dict(patch=_dir_size(-8)),
+    "directory-size-zero": dict(patch=lambda w: w.patch_ext("bitmap_directory_size", 0)),
     "table-offset-unaligned": dict(bitmaps=[B("b0", table_offset=0x50200)]),
     "table-offset-zero": dict(bitmaps=[B("b0", table_offset=0)]),
     "table-size-zero": dict(bitmaps=[B("b0", table_size=0)]),
@@ -544,3 +547,98 @@ def test_writer_output_reads_back(qio: Case) -> None:
     header = struct.unpack(">Q", w.path.read_bytes()[88:96])[0]
     assert header & 1
     qio.log.log("the reader agrees with the writer")
+
+
+# -- what QEMU does after it opened an image --------------------------------------------
+
+def qemu_stderr(qio: Case, vm: VM, pattern: str) -> str:
+    """The first line of QEMU's own stderr (its log) containing ``pattern``, logged."""
+    for line in vm.log_path.read_text(errors="replace").splitlines():
+        if pattern in line:
+            said = line.split(": ", 1)[-1].replace(str(qio.scratch), "TEST_DIR")
+            qio.log.log(f"QEMU: {said}")
+            return said
+    return ""
+
+
+def test_resize_with_an_inconsistent_bitmap(qio: Case) -> None:
+    """A disk whose image holds an in_use bitmap (QEMU loads it inconsistent) cannot be
+    resized: QEMU could not resize what it cannot trust. The refusal leaves the disk and
+    the image as they were; once the bad bitmap is removed (also from the image) the
+    resize goes through, the good bitmap grows with the disk and records a write in the
+    new part, and is stored exactly at close."""
+    w = craft(qio, [B("fine", dirty=[(0, 0x10000)]), B("stale", flags=IN_USE | AUTO)])
+    vm = qio.vm("rw", machine_type="none")
+    vm.launch()
+    vm.qmp_log("blockdev-add", qcow2_node(w.path, "disk"))
+    vm.qmp_log("block_resize", node_name="disk", size=2 * SIZE, expect_error="inconsistent")
+    size = Qcow2Image.open(w.path).header.virtual_size
+    qio.log.log(f"virtual size in the header: {size:#x}")
+    assert size == SIZE
+    qio.check_live(vm, "disk", where="after the refused resize")
+    vm.qmp_log("block-dirty-bitmap-remove", node="disk", name="stale")
+    vm.qmp_log("block_resize", node_name="disk", size=2 * SIZE)
+    vm.qemu_io("disk", f"write -P 0x5a {SIZE + 0x10000:#x} 0x200", log=True)
+    qio.oracle.check_exact(vm, "disk", ["fine"], where="after the resize and a write")
+    vm.shutdown()
+    qio.oracle.check_disk(w.path, where="stored at close", exact=True)
+    check_view(qio, w.path)
+
+
+def test_duplicate_in_use_entry_after_the_open(qio: Case) -> None:
+    """The image ``test_refused[name-duplicated-second-in-use]`` shows QEMU accepting: two
+    entries named b0, the second in_use. QEMU loads the first and skips the second. What
+    must hold afterwards: a read-write reopen that finds the second entry contradicting
+    the first is refused for the bitmaps (they stay read-only, so no write goes
+    unrecorded); after b0 is removed, the entry left behind blocks a resize and a
+    read-write reopen rather than being ignored; a new persistent b0 then replaces it at
+    close, and the image is legal again with exactly what the new b0 recorded."""
+    qio.img.create(DISK, SIZE)
+    w = write_bitmaps(qio.path(DISK), [B("b0", dirty=[(0, 1)]), B("b0", flags=IN_USE)])
+    qio.oracle.edited_by_hand(DISK, "two entries named b0 (the reader refuses it)")
+    qio.log.log("crafted: two entries named b0; the first auto with [0x0+0x10000], the "
+                "second in_use")
+    before = digest(w.path)
+
+    qio.log.heading("open read-only, reopen read-write: the bitmaps stay read-only")
+    vm = qio.vm("ro", machine_type="none")
+    vm.launch()
+    vm.qmp_log("blockdev-add", qcow2_node(w.path, "disk", read_only=True))
+    vm.blockdev_reopen(qcow2_node(w.path, "disk"))
+    said = qemu_stderr(qio, vm, "Failed to make dirty bitmaps writable")
+    assert "marked IN_USE" in said, f"QEMU said {said!r}"
+    with pytest.raises(MachineError) as refused_write:
+        vm.qemu_io("disk", "write 0x100000 0x200")
+    qio.log.log(f"qemu-io disk: write 0x100000 0x200: refused "
+                f"({refused_write.value.reason.rsplit(': ', 1)[-1]})")
+    (b0,) = qio.show_bitmaps(vm, "disk")
+    assert b0.count == 0x10000 and not b0.inconsistent
+    vm.shutdown()
+    assert digest(w.path) == before, "the image changed"
+    qio.log.log("the image is unchanged")
+    qio.oracle.crafted(dataclasses.replace(w, bitmaps=w.bitmaps[:1]),
+                       "QEMU loads the first b0 and skips the second")
+
+    qio.log.heading("open read-write, remove b0: the second entry stays")
+    vm = qio.vm("rw", machine_type="none")
+    vm.launch()
+    vm.qmp_log("blockdev-add", qcow2_node(w.path, "disk"))
+    vm.qmp_log("block-dirty-bitmap-remove", node="disk", name="b0")
+    left = [(b.name, b.in_use) for b in Qcow2Image.open(w.path).bitmaps]
+    qio.log.log(f"entries in the image: {left}")
+    assert left == [("b0", True)]
+    vm.qmp_log("block_resize", node_name="disk", size=2 * SIZE, expect_error="not loaded")
+    vm.blockdev_reopen(qcow2_node(w.path, "disk", read_only=True))
+    vm.blockdev_reopen(qcow2_node(w.path, "disk"))
+    said = qemu_stderr(qio, vm, "Failed to make dirty bitmaps writable")
+    assert "Unexpected bitmap 'b0'" in said, f"QEMU said {said!r}"
+
+    qio.log.heading("a new persistent b0 replaces the entry at close")
+    vm.qmp_log("block-dirty-bitmap-add", node="disk", name="b0", persistent=True)
+    vm.qemu_io("disk", "write -P 0x5a 0x200000 0x200", log=True)
+    vm.shutdown()
+    entries = [(b.name, b.in_use) for b in Qcow2Image.open(w.path).bitmaps]
+    qio.log.log(f"entries in the image: {entries}")
+    assert entries == [("b0", False)]
+    qio.oracle.check_disk(w.path, where="stored at close", exact=True)
+    check_view(qio, w.path)
