@@ -15,12 +15,15 @@ that follows the failed step.
 from __future__ import annotations
 
 import re
+import struct
 from typing import Any
 
 import pytest
 
 from harness.actions import writes
-from harness.errors import MachineError
+from harness.errors import LaunchError, MachineError
+from harness.qcow2 import Qcow2Image
+from harness.qcow2_writer import poke
 from harness.session import Case
 from harness.vm import VM
 
@@ -72,13 +75,18 @@ def setup(qio: Case, vm_read_only: bool = False) -> VM:
 def try_writes(qio: Case, vm: VM) -> None:
     """Guest writes after the failed step: QEMU may refuse them (a node whose bitmaps
     could not be made writable refuses writes); only accepted ones reach the model."""
-    for off, length in AFTER:
+    try_writes_at(qio, vm, AFTER)
+    qio.check_live(vm, NODE, where="after the failed step")
+
+
+def try_writes_at(qio: Case, vm: VM, regions: tuple[tuple[int, int], ...] |
+                  list[tuple[int, int]]) -> None:
+    for off, length in regions:
         try:
             writes(vm, NODE, [(off, length)])
         except MachineError as e:
             qio.log.log(f"qemu-io {NODE}: write {off:#x} {length:#x}: refused "
                         f"({e.reason.rsplit(': ', 1)[-1]})")
-    qio.check_live(vm, NODE, where="after the failed step")
 
 
 def written_then_armed(qio: Case, fault: str) -> VM:
@@ -196,3 +204,44 @@ def test_remove_persistent(qio: Case, fault: str) -> None:
     try_writes(qio, vm)
     end_vm(qio, vm, "quit")
     verify_after(qio, "after a failed remove")
+
+
+def test_image_marked_corrupt(qio: Case) -> None:
+    """QEMU marks an image corrupt (a data write that would overwrite the refcount table)
+    and stops using it: the node has no driver any more. Its bitmaps can then be neither
+    stored nor trusted: b0 must stay in use on disk (inconsistent when read), adding a
+    bitmap is refused with a sentence, and the next QEMU may open the image read-only
+    only."""
+    qio.img.create("disk.qcow2", SIZE)
+    qio.img.run("bitmap", "--add", "disk.qcow2", "b0", log=True)
+    qio.io.run("-f", "qcow2", "-c", "write 0 0x10000", "disk.qcow2", log=True)
+    image = Qcow2Image.open(qio.path("disk.qcow2"))
+    raw = qio.path("disk.qcow2").read_bytes()
+    (l2,) = struct.unpack_from(">Q", raw, image.header.l1_table_offset)
+    l2 &= 0x00FFFFFFFFFFFE00
+    entry = (1 << 63) | image.header.refcount_table_offset  # COPIED, in the reftable
+    poke(qio.path("disk.qcow2"), l2, struct.pack(">Q", entry))
+    qio.oracle.edited_by_hand("disk.qcow2", "guest cluster 0 mapped onto the refcount table")
+    qio.log.log("guest cluster 0 now maps onto the refcount table's cluster")
+    vm = qio.vm_on("disk.qcow2", NODE, launch=True)
+    writes(vm, NODE, [(0x100000, 0x1000)])
+    mark = log_size(vm)
+    try_writes_at(qio, vm, [(0, 0x200)])
+    said = vm.log_path.read_bytes()[mark:].decode(errors="replace")
+    assert "Marking image as corrupt" in said, said
+    vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b1", expect_error="No medium")
+    vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b1", persistent=True,
+               expect_error="No medium")
+    vm.shutdown(check=False)
+    (b,) = qio.show_image_bitmaps("disk.qcow2")
+    assert b.in_use, "a bitmap of a corrupt image was stored as valid"
+    info = qio.img.info("disk.qcow2", force_share=True)
+    corrupt = info.get("format-specific", {}).get("data", {}).get("corrupt")
+    qio.log.log(f"qemu-img info: corrupt: {corrupt}")
+    assert corrupt is True
+    after = qio.vm_on("disk.qcow2", NODE, "after")
+    with pytest.raises(LaunchError):
+        after.launch()  # the node is on the command line: QEMU exits at once
+    said = after.log_path.read_text(errors="replace")
+    assert "cannot be opened read/write" in said, said
+    qio.log.log("a new QEMU refuses to open it read-write")

@@ -268,10 +268,12 @@ def uncovered_text(files: Sequence[FileCoverage], max_runs: int = 400) -> str:
 
 def run_ours(build: Path, repo: Path, out: Path, jobs: int,
              pytest_args: Sequence[str]) -> int:
-    """``pytest cases`` against the gcov build; its output in ``out/pytest.txt``."""
+    """``pytest cases`` against the gcov build (only the case files or test ids among
+    ``pytest_args`` when it names some); its output in ``out/pytest.txt``."""
     out.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "pytest", "cases", "-n", str(jobs), "-p", "no:cacheprovider",
-            "--qemu-build", str(build), "-rfEX", *pytest_args]
+    named = [a for a in pytest_args if (repo / a.split("::")[0]).exists()]
+    argv = [sys.executable, "-m", "pytest", *([] if named else ["cases"]), "-n", str(jobs),
+            "-p", "no:cacheprovider", "--qemu-build", str(build), "-rfEX", *pytest_args]
     with (out / "pytest.txt").open("w") as f:
         return subprocess.run(argv, cwd=repo, stdout=f, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, check=False).returncode

@@ -170,3 +170,21 @@ def test_cli_refuses_a_report_dir_inside_the_repo() -> None:
     assert r.returncode == 2
     assert r.stderr.strip() == f"coverage: {REPO.resolve() / 'cov'} must be outside the repo"
     assert "Traceback" not in r.stderr
+
+
+def test_run_ours_runs_only_the_named_cases(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``qiotests coverage -- cases/test_x.py`` measures that file, not the whole suite
+    (pytest would collect ``cases`` and the file); options alone keep ``cases``."""
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "test_x.py").write_text("")
+    seen: list[list[str]] = []
+
+    def fake_run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        seen.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    qcov.run_ours(Path("/b"), tmp_path, tmp_path / "out", 2, ["cases/test_x.py::test_a"])
+    qcov.run_ours(Path("/b"), tmp_path, tmp_path / "out", 2, ["-k", "quick"])
+    assert "cases" not in seen[0] and seen[0][-1] == "cases/test_x.py::test_a"
+    assert seen[1][3] == "cases" and seen[1][-2:] == ["-k", "quick"]
