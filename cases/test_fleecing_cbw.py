@@ -33,7 +33,7 @@ from harness.backup import (
     reference,
 )
 from harness.block import blockdev
-from harness.errors import OracleFailure
+from harness.errors import LaunchError, OracleFailure
 from harness.model import Extents, format_ranges
 from harness.qcow2 import BME_FLAG_AUTO, BME_FLAG_IN_USE
 from harness.qcow2_writer import BitmapSpec, write_bitmaps
@@ -226,3 +226,26 @@ def test_refused_filters(qio: Case) -> None:
         names = sorted(n["node-name"] for n in vm.qmp("query-named-block-nodes"))
         assert "fl-cbw" not in names, f"a refused filter is in the graph: {names}"
     vm.shutdown()
+
+
+@pytest.mark.requires(drivers=["copy-before-write"], args=["blockdev-add.on-cbw-error"])
+@pytest.mark.parametrize("bad", [
+    pytest.param("on-cbw-error=bogus", id="bad-value"),
+    pytest.param("bitmap=b0,bitmap.node=drive0", id="scalar-and-object"),
+])
+def test_flat_options_refused(qio: Case, bad: str) -> None:
+    """``-drive`` hands the filter flat options, which it parses itself (``-blockdev`` and
+    ``blockdev-add`` are checked against the schema first): a bad one stops QEMU at
+    start with one message naming it."""
+    for image in ("src.qcow2", "fleece.qcow2"):
+        qio.img.create(image, SIZE)
+    drive = ("if=none,id=fl0,driver=copy-before-write,file.driver=qcow2,file.file.driver=file,"
+             f"file.file.filename={qio.path('src.qcow2')},target.driver=qcow2,"
+             f"target.file.driver=file,target.file.filename={qio.path('fleece.qcow2')},{bad}")
+    vm = qio.vm(machine_type="none", args=["-drive", drive])
+    with pytest.raises(LaunchError):
+        vm.launch()
+    last = vm.log_path.read_text().strip().splitlines()[-1]
+    message = last.rsplit(f",{bad}: ", 1)[-1]
+    assert message != last, f"QEMU's message does not name the -drive option: {last}"
+    qio.log.log(f"-drive ...,{bad}: {message}")
