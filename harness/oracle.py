@@ -102,6 +102,11 @@ READ_ONLY = frozenset({
 MIGRATION_COMMANDS = frozenset({"migrate-set-capabilities", "migrate-set-parameters", "migrate",
                                 "migrate-incoming", "migrate_cancel", "migrate-cancel",
                                 "migrate-start-postcopy"})
+#: COLO block replication on a secondary (a ``replication`` node): starting and stopping
+#: it and each checkpoint empty the secondary's active and hidden disks and drive an
+#: internal backup job. Followed only in a VM without bitmaps, where the model has
+#: nothing they could change
+COLO_COMMANDS = frozenset({"xen-set-replication", "xen-colo-do-checkpoint"})
 #: drivers that pass writes to one child: a write to them lands below
 FILTERS = {"copy-before-write": "file", "blkdebug": "image", "throttle": "file",
            "compress": "file", "preallocate": "file", "blklogwrites": "file",
@@ -643,6 +648,12 @@ class Oracle:
             return
         if cmd in MIGRATION_COMMANDS:
             self._check_migration(vm, cmd, args)
+            return
+        if cmd in COLO_COMMANDS:
+            if any(n.bitmaps for n in self._view(vm).model.nodes.values()):
+                raise UnmodelledCommand(f"{cmd} (vm {vm.name!r}) empties the COLO secondary's "
+                                        "active and hidden disks, which the oracle does not "
+                                        "model for a VM with bitmaps")
             return
         raise UnmodelledCommand(f"{cmd} (vm {vm.name!r}) may move data or change bitmaps and "
                                 "the oracle does not model it; model it in harness/oracle.py "
