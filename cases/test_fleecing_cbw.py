@@ -167,18 +167,26 @@ COPY_EIO = {"event": "pwritev", "iotype": "write", "errno": EIO, "once": True}
 def test_failed_copy(qio: Case, on_error: str) -> None:
     """The filter's copy into the fleecing image fails once (EIO)."""
     vm = start(qio)
-    qio.log.heading("writes; b0; a view whose fleecing image fails its first write")
+    qio.log.heading("writes; b0; a view whose fleecing image fails its first writes")
     for off, length in W0:
         vm.qemu_io(NODE, f"write -P 0x11 {off:#x} {length:#x}", log=True)
     vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", granularity=GRAN)
     ref = reference(qio, vm, NODE, "src.qcow2", 0)
-    export = fleecing(qio, vm, inject=(COPY_EIO,), on_cbw_error=on_error, cbw_timeout=60)
+    # break-guest-write: one failure for each of the write, discard and zero write below
+    failures = 3 if on_error == "break-guest-write" else 1
+    export = fleecing(qio, vm, inject=(COPY_EIO,) * failures, on_cbw_error=on_error,
+                      cbw_timeout=60)
 
     qio.log.heading(f"a guest write over data the view must keep; on-cbw-error={on_error}")
     out = vm.qemu_io("fl-cbw", "write -P 0x22 0x100000 0x1000", log=True, check=False)
     if on_error == "break-guest-write":
         assert "failed" in out, "the guest write passed although its copy failed"
-        vm.qemu_io("fl-cbw", "read -P 0x11 0x100000 0x10000", log=True)
+        for command in ("discard 0x200000 0x10000", "write -z 0x3f0000 0x10000"):
+            out = vm.qemu_io("fl-cbw", command, log=True, check=False)
+            assert "failed" in out, f"{command} passed although its copy failed"
+        for command in ("read -P 0x11 0x100000 0x10000", "read -P 0x11 0x200000 0x10000",
+                        "read -P 0x11 0x3f0000 0x10000"):
+            vm.qemu_io("fl-cbw", command, log=True)
         view_equals(qio, export, ref)
         qio.log.heading("the next write is copied first, and the view keeps it")
         vm.qemu_io("fl-cbw", "write -P 0x22 0x100000 0x1000", log=True)
