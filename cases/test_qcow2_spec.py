@@ -642,3 +642,18 @@ def test_duplicate_in_use_entry_after_the_open(qio: Case) -> None:
     assert entries == [("b0", False)]
     qio.oracle.check_disk(w.path, where="stored at close", exact=True)
     check_view(qio, w.path)
+
+
+def test_check_reads_the_table_qemu_skips(qio: Case) -> None:
+    """The open never reads the table of the duplicate in_use entry it skips, so only
+    ``qemu-img check`` can see that entry's broken table (a reserved bit set): it must
+    not pass the image (QEMU's check stops there: "Check failed: Invalid argument")."""
+    qio.img.create(DISK, SIZE)
+    write_bitmaps(qio.path(DISK), [B("b0", dirty=[(0, 1)]),
+                                   B("b0", flags=IN_USE, entries=[1 << 1])])
+    qio.oracle.edited_by_hand(DISK, "two entries named b0, the second's table broken")
+    qio.log.log("crafted: two entries named b0; the second in_use, its table entry 0x2")
+    res = qio.img.run("check", DISK, check=False)
+    qio.log.log(f"qemu-img check: exit {res.status}: "
+                f"{first_line(res.stderr) or first_line(res.stdout)}")
+    assert res.status != 0, "qemu-img check passes an image with a broken bitmap table"
