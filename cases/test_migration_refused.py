@@ -129,13 +129,16 @@ def test_mapping_refused(qio: Case, fault: str) -> None:
 # -- the source refuses to start -----------------------------------------------------------
 
 
-def refused(qio: Case, src: VM, n: int, why: str, check: list[str] | None = None) -> None:
-    """A migration to a new destination that the source refuses at its start: it fails,
-    the destination exits by itself, the source runs on with its bitmaps as they were
-    (``check``: those of them the oracle can read now; all by default)."""
+def refused(qio: Case, src: VM, n: int, why: str, check: list[str] | None = None,
+            dst_vm: Callable[[str], VM] | None = None) -> None:
+    """A migration to a new destination (``dst_vm(name)`` makes it, if given) that the
+    source refuses at its start: it fails, the destination exits by itself, the source runs
+    on with its bitmaps as they were (``check``: those of them the oracle can read now; all
+    by default)."""
     qio.log.heading("the source refuses the migration")
-    dst = vm(qio, f"dst{n}", "disk.qcow2", incoming="defer",
-             backing=["base.qcow2"] if qio.path("base.qcow2").exists() else ())
+    dst = dst_vm(f"dst{n}") if dst_vm is not None else vm(
+        qio, f"dst{n}", "disk.qcow2", incoming="defer",
+        backing=["base.qcow2"] if qio.path("base.qcow2").exists() else ())
     dst.launch()
     for v in (src, dst):
         migration_caps(v, events=True, dirty_bitmaps=True)
@@ -258,6 +261,48 @@ def test_source_refuses(qio: Case, why: str) -> None:
     src.shutdown()
 
 
+def drive_vm(qio: Case, name: str, node: str, *more: str) -> VM:
+    """A VM whose disk is a ``-drive`` named ``disk`` (a BlockBackend with a name, as
+    before ``-blockdev``) on node ``node``."""
+    return qio.vm(name, args=["-drive", f"if=none,id=disk,node-name={node},driver=qcow2,"
+                              f"file.driver=file,file.filename={qio.path('disk.qcow2')}",
+                              *more], log_prefix=f"{name}: ")
+
+
+@pytest.mark.requires(args=[MAPPING])
+def test_drive_names_the_bitmaps(qio: Case) -> None:
+    """Without a mapping, the bitmaps of a node under a ``-drive`` travel under the drive
+    id, not the node name (iotest 169's ground): a destination whose node is named
+    differently but whose drive has the same id gets them. A bitmap that cannot travel
+    there (a 256-byte name) fails the migration as it does on a ``-blockdev`` node, with
+    the source's bitmaps kept; removed, the next migration goes through."""
+    qio.img.create("disk.qcow2", SIZE)
+    src = drive_vm(qio, "src", NODE)
+    src.launch()
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name=LONG, granularity=65536)
+    writes(src, NODE, WRITES, 0x11)
+    refused(qio, src, 1, "Name is longer than 255 bytes", dst_vm=lambda n: drive_vm(
+        qio, n, OTHER, "-incoming", "defer"))
+    src.qmp_log("block-dirty-bitmap-remove", node=NODE, name=LONG)
+    writes(src, NODE, MORE, 0x22)
+
+    qio.log.heading("the destination's node is other0, its drive is disk too")
+    dst = drive_vm(qio, "dst2", OTHER, "-incoming", "defer")
+    dst.launch()
+    for v in (src, dst):
+        migration_caps(v, events=True, dirty_bitmaps=True)
+    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig2.sock'}",
+                   until=MIGRATION_ENDS) == "completed"
+    assert wait_migration(dst) == "completed"
+    qio.show_bitmaps(dst, OTHER, hashes=False)
+    qio.check_live(dst, OTHER)
+    writes(dst, OTHER, ((0x800000, 0x1000),), 0x33)
+    src.shutdown()
+    dst.shutdown()
+    qio.show_image_bitmaps("disk.qcow2")
+
+
 # -- the destination refuses -----------------------------------------------------------------
 
 
@@ -323,21 +368,37 @@ def test_destination_refuses(qio: Case, how: str) -> None:
     writes(dst, node, ((0x800000, 0x1000),), 0x33)
 
 
+#: name: (b0 persistent on the source, the source's transform, the destination's)
+TRANSFORMS: dict[str, tuple[bool, dict[str, bool] | None, dict[str, bool] | None]] = {
+    "made-persistent": (False, None, {"persistent": True}),
+    "made-transient": (True, None, {"persistent": False}),
+    "sent-transient": (True, {"persistent": False}, None),
+    "empty-transforms": (True, {}, {}),
+}
+
+
+def one_bitmap_map(node: str, transform: dict[str, bool] | None) -> list[dict[str, Any]]:
+    entry: dict[str, Any] = {"name": "b0", "alias": "b0"}
+    if transform is not None:
+        entry["transform"] = transform
+    return [{"node-name": node, "alias": "disk", "bitmaps": [entry]}]
+
+
 @pytest.mark.requires(args=[MAPPING + ".bitmaps.transform"])
-@pytest.mark.parametrize("persistent", [True, False], ids=["made-persistent",
-                                                            "made-transient"])
-def test_destination_transform(qio: Case, persistent: bool) -> None:
-    """The destination's mapping has the last word on persistence: its ``transform``
-    makes the arriving b0 persistent (stored when the destination quits, found by a third
-    VM) or transient (not stored), whatever the source sent."""
+@pytest.mark.parametrize("how", list(TRANSFORMS))
+def test_destination_transform(qio: Case, how: str) -> None:
+    """A ``transform`` decides persistence on the way: the source's sets the flag it
+    sends, the destination's has the last word (``made-persistent``: stored when the
+    destination quits; ``made-transient``, ``sent-transient``: not stored); an empty one
+    changes nothing."""
+    born, src_t, dst_t = TRANSFORMS[how]
     qio.img.create("disk.qcow2", SIZE)
     src = vm(qio, "src", "disk.qcow2", launch=True)
     dst = vm(qio, "dst", "disk.qcow2", node=OTHER, incoming="defer", launch=True)
     src.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", granularity=4096,
-                persistent=not persistent)
+                persistent=born)
     writes(src, NODE, WRITES, 0x11)
-    for v, m in ((src, mapping(NODE, "disk", ("b0", "b0"))),
-                 (dst, mapping(OTHER, "disk", ("b0", "b0"), persistent=persistent))):
+    for v, m in ((src, one_bitmap_map(NODE, src_t)), (dst, one_bitmap_map(OTHER, dst_t))):
         migration_caps(v, events=True, dirty_bitmaps=True)
         v.qmp_log("migrate-set-parameters", block_bitmap_mapping=m)
     assert migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}",
@@ -350,16 +411,39 @@ def test_destination_transform(qio: Case, persistent: bool) -> None:
     qio.show_image_bitmaps("disk.qcow2")
 
 
+@pytest.mark.requires(args=[MAPPING])
+def test_mapping_lists_no_bitmap(qio: Case) -> None:
+    """A mapping that lists the node but none of its bitmaps sends none: the source then
+    stores its persistent b0 when it hands the image over, the destination loads it from
+    there (with every write); transient t0 is gone."""
+    qio.img.create("disk.qcow2", SIZE)
+    src = vm(qio, "src", "disk.qcow2", launch=True)
+    dst = vm(qio, "dst", "disk.qcow2", incoming="defer", launch=True)
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", persistent=True)
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name="t0", granularity=4096)
+    writes(src, NODE, WRITES, 0x11)
+    src.qmp_log("migrate-set-parameters", block_bitmap_mapping=mapping(NODE, NODE))
+    for v in (src, dst):
+        migration_caps(v, events=True, dirty_bitmaps=True)
+    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}",
+                   until=MIGRATION_ENDS) == "completed"
+    assert wait_migration(dst) == "completed"
+    qio.show_bitmaps(dst, NODE, hashes=False)
+    writes(dst, NODE, MORE, 0x22)
+
+
 # -- a stream no QEMU sends: the destination's reader --------------------------------------
 
 CHUNK_LIMIT = 10 * 1024  # QEMU refuses to allocate a bits buffer larger than this
 
 
 def saved_stream(qio: Case) -> Path:
-    """The source, with b0 and t0 (transient: it stores nothing either way), migrates into
-    a file, the stream a destination would have read; then it quits."""
+    """The source, with b0, t0 and a clean e0 (transient: it stores nothing either way),
+    migrates into a file, the stream a destination would have read; then it quits."""
     src = vm(qio, "src", "disk.qcow2", create=SIZE, launch=True)
     two_bitmaps(src)
+    src.qmp_log("block-dirty-bitmap-add", node=NODE, name="e0", granularity=65536,
+                disabled=True)  # clean: its bits travel as a ZEROES chunk
     migration_caps(src, events=True, dirty_bitmaps=True)
     saved = qio.path("saved.mig")
     src.qmp_log("migrate", uri=f"exec:cat > {saved}")
@@ -418,6 +502,13 @@ EDITS: dict[str, tuple[Edit, str, str]] = {
     "bits-for-an-unknown-bitmap": (
         lambda d, cs: migstream.splice(d, named(d, first(cs, migstream.BITS)) + 1, 1, b"x"),
         "dropped", "unknown dirty bitmap 'x0'"),
+    "cut-in-a-zeroes-chunk": (
+        lambda d, cs: d[:named(d, next(c for c in cs if c.flags & migstream.ZEROES)) + 3],
+        "refused", "load of migration failed"),
+    "granularity-finer-than-the-bits": (
+        lambda d, cs: migstream.splice(d, first(cs, migstream.START, "b0").granularity_at, 4,
+                                       struct.pack(">I", 512)),
+        "dropped", "Migrated bitmap granularity doesn't match"),
     "granularity-not-the-bits-one": (
         lambda d, cs: migstream.splice(d, first(cs, migstream.START, "b0").granularity_at, 4,
                                        struct.pack(">I", 65536)),
@@ -476,9 +567,16 @@ GRANULARITY_BUG = (
 
 
 @pytest.mark.xfail(strict=False, raises=AssertionError, reason=GRANULARITY_BUG)
-@pytest.mark.parametrize("granularity", [256, 0x3000], ids=["under-512", "not-a-power-of-2"])
-def test_edited_granularity(qio: Case, granularity: int) -> None:
-    """The first START chunk says a granularity no bitmap can have: the destination must
-    refuse the stream (exit with an error, its images untouched), not crash."""
+@pytest.mark.parametrize("granularity", [256, 0x3000, None],
+                         ids=["under-512", "not-a-power-of-2", "cut-before-it"])
+def test_edited_granularity(qio: Case, granularity: int | None) -> None:
+    """The first START chunk says a granularity no bitmap can have (``cut-before-it``: the
+    stream ends just before it, as when a connection drops there; QEMU's reader then
+    reads 0): the destination must refuse the stream (exit with an error, its images
+    untouched), not crash."""
+    if granularity is None:
+        read_edited(qio, "cut before the granularity", lambda d, cs: d[:cs[0].granularity_at],
+                    "refused", "")
+        return
     read_edited(qio, f"granularity {granularity:#x}", lambda d, cs: migstream.splice(
         d, cs[0].granularity_at, 4, struct.pack(">I", granularity)), "refused", "")

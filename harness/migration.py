@@ -5,7 +5,8 @@ follows switches over and when the destination takes over. What they encode is Q
 bitmap migration (``migration/block-dirty-bitmap.c``, the ``dirty-bitmaps`` capability):
 
 * every named bitmap of every named node travels (not those of nodes with generated
-  ``#...`` names: QEMU refuses to start such a migration); a ``block-bitmap-mapping``
+  ``#...`` names: QEMU refuses to start such a migration), under the node's name, or the
+  drive id of a named BlockBackend (``-drive id=``) on it; a ``block-bitmap-mapping``
   migration parameter, when set, names the node and bitmap *aliases* sent on the wire,
   and a node or bitmap it does not list stays home;
 * the destination creates each bitmap on the node its own mapping (or the same name) gives,
@@ -119,16 +120,20 @@ def _transform(entry: Mapping[str, Any]) -> bool | None:
 
 
 def to_send(nodes: Mapping[str, Mapping[str, ModelBitmap]],
-            mapping: list[dict[str, Any]] | None) -> list[Sent]:
+            mapping: list[dict[str, Any]] | None,
+            backends: Mapping[str, str] | None = None) -> list[Sent]:
     """What the source puts on the wire from its nodes' bitmaps (``{node: {name:
-    bitmap}}``, successors of running backups left out by the caller)."""
+    bitmap}}``, successors of running backups left out by the caller). ``backends``:
+    ``{node: drive id}`` for the node a named BlockBackend (``-drive id=...``) stands on,
+    filters skipped: without a mapping its bitmaps travel under the drive id."""
     aliases = _node_map(mapping, outgoing=True)
+    backends = backends or {}
     sent = []
     for node, bitmaps in sorted(nodes.items()):
         if not bitmaps or node.startswith("#"):
             continue
         if aliases is None:
-            node_alias, names = node, None
+            node_alias, names = backends.get(node, node), None
         elif node in aliases:
             node_alias, names = aliases[node]
         else:
@@ -147,16 +152,19 @@ def to_send(nodes: Mapping[str, Mapping[str, ModelBitmap]],
     return sent
 
 
-def received(sent: Iterable[Sent],
-             mapping: list[dict[str, Any]] | None) -> list[tuple[str, ModelBitmap]]:
+def received(sent: Iterable[Sent], mapping: list[dict[str, Any]] | None,
+             drives: Mapping[str, str] | None = None) -> list[tuple[str, ModelBitmap]]:
     """Where each sent bitmap lands on the destination (its own ``block-bitmap-mapping``
     read the other way): ``(node, bitmap as the destination has it)``. An alias the
     destination's mapping does not know makes QEMU fail the incoming migration; such a
-    bitmap comes back with node ``""`` for the caller to report."""
+    bitmap comes back with node ``""`` for the caller to report. Without a mapping, a
+    node alias is looked up as a drive id first (``drives``: ``{drive id: its root
+    node}``, filters not skipped), then as a node name."""
     aliases = _node_map(mapping, outgoing=False)
+    drives = drives or {}
     out = []
     for s in sent:
-        node, name, persistent = s.node, s.name, s.persistent
+        node, name, persistent = drives.get(s.node, s.node), s.name, s.persistent
         if aliases is not None:
             if s.node not in aliases or s.name not in aliases[s.node][1]:
                 out.append(("", replace(s.bitmap, name=s.name)))

@@ -204,6 +204,7 @@ class View:
     caps: dict[str, bool] = field(default_factory=dict)  # migration capabilities
     mapping: list[dict[str, Any]] | None = None  # the block-bitmap-mapping parameter
     incoming: str | None = None  # waits for an incoming migration ("defer" or the URI)
+    drives: dict[str, str] = field(default_factory=dict)  # -drive id -> its root node
 
 
 class Oracle:
@@ -274,6 +275,8 @@ class Oracle:
         for i, a in enumerate(args[:-1]):
             if a == "-blockdev":
                 self._add_node(vm, view, _blockdev_json(args[i + 1]))
+            elif a == "-drive":
+                self._add_drive(vm, view, args[i + 1])
             elif a == "-device":
                 self._add_device(view, args[i + 1])
 
@@ -819,16 +822,18 @@ class Oracle:
             return
         nodes = {n: {b: bm for b, bm in mn.bitmaps.items() if SUCCESSOR not in b}
                  for n, mn in view.model.nodes.items()}
-        m.sent = to_send(nodes, m.mapping) if m.bitmaps else []
+        backends = self._backends(view)
+        m.sent = to_send(nodes, m.mapping, backends) if m.bitmaps else []
         travelling: dict[str, set[str]] = {}
         aliases = {(s.node, s.name) for s in m.sent}
         for n, bitmaps in nodes.items():
-            travelling[n] = {b for b in bitmaps if self._sent_from(m, n, b, aliases)}
+            travelling[n] = {b for b in bitmaps
+                             if self._sent_from(m, n, b, aliases, backends)}
         self._inactivate(view, travelling)
 
     def _sent_from(self, m: Migration, node: str, name: str,
-                   aliases: set[tuple[str, str]]) -> bool:
-        one = to_send({node: {name: ModelBitmap(name, 1)}}, m.mapping)
+                   aliases: set[tuple[str, str]], backends: dict[str, str]) -> bool:
+        one = to_send({node: {name: ModelBitmap(name, 1)}}, m.mapping, backends)
         return bool(one) and (one[0].node, one[0].name) in aliases
 
     def _inactivate(self, view: View, travelling: dict[str, set[str]]) -> None:
@@ -897,7 +902,7 @@ class Oracle:
         assert m.dest is not None
         view = self.views[m.dest]
         self._switchover(m)  # (if its event is still on the way) m.sent is what travelled
-        landed = received(m.sent or [], view.mapping)
+        landed = received(m.sent or [], view.mapping, view.drives)
         unknown = [b.name for node, b in landed if node not in view.model.nodes]
         if unknown:
             # QEMU cancels the bitmap part of the incoming migration at the first unknown
@@ -1066,6 +1071,36 @@ class Oracle:
                 return self._path(below.children["path"])
             child = below.children.get("file") or below.children.get("image")
         return None
+
+    def _add_drive(self, vm: Machine, view: View, spec: str) -> None:
+        """``-drive if=none,id=ID,node-name=NODE,driver=...,file.filename=...``: a node
+        tree as ``-blockdev`` would give, under a BlockBackend named ``ID`` (a device of
+        that name for qemu-io, a name of its own in a migration). Its nodes must be named:
+        QEMU's generated names are not the oracle's to guess."""
+        opts = _blockdev_json(spec)
+        drive = opts.pop("id", None)
+        if opts.pop("if", "none") != "none" or drive is None or "node-name" not in opts:
+            raise UnmodelledCommand(f"-drive {spec}: the oracle follows only if=none drives "
+                                    "with an id and a node-name")
+        if isinstance(opts.get("file"), str):
+            opts["file"] = {"driver": "file", "filename": opts["file"]}
+        root = self._add_node(vm, view, opts)
+        view.drives[str(drive)] = root
+        view.devices[str(drive)] = root
+
+    def _backends(self, view: View) -> dict[str, str]:
+        """``{node: drive id}``: the node each named BlockBackend stands on, filters
+        without bitmaps skipped (QEMU's init_dirty_bitmap_migration)."""
+        out = {}
+        for drive, node in view.drives.items():
+            gnode = view.graph.get(node)
+            while (gnode is not None and gnode.driver in FILTERS
+                   and not (gnode.name in view.model.nodes
+                            and view.model.nodes[gnode.name].bitmaps)):
+                gnode = view.graph.get(gnode.children.get(FILTERS[gnode.driver], ""))
+            if gnode is not None:
+                out[gnode.name] = drive
+        return out
 
     def _add_device(self, view: View, spec: str) -> None:
         opts = dict(p.split("=", 1) for p in spec.split(",")[1:] if "=" in p)
