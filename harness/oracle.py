@@ -902,7 +902,9 @@ class Oracle:
         assert m.dest is not None
         view = self.views[m.dest]
         self._switchover(m)  # (if its event is still on the way) m.sent is what travelled
-        landed = received(m.sent or [], view.mapping, view.drives)
+        # a drive id names the first node below the drive's filters, as on the source
+        landed = received(m.sent or [], view.mapping,
+                          {d: n for n, d in self._backends(view).items()})
         unknown = [b.name for node, b in landed if node not in view.model.nodes]
         if unknown:
             # QEMU cancels the bitmap part of the incoming migration at the first unknown
