@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import processes
+from harness import processes, tmpdirs
 from harness.errors import ConfigError, HarnessError, describe_status
 
 #: Seconds any one probe (``--version``, ``-accel help``, a QMP query) may take.
@@ -365,7 +364,7 @@ def probe(binaries: Binaries, workdir: str | None = None) -> Probe:
         if binaries.has(role.key):
             check_role(role, binaries.programs[role.key])
     accels = list_accelerators(qemu)
-    with tempfile.TemporaryDirectory(prefix="qio-probe-", dir=workdir) as tmp:
+    with tmpdirs.temporary("probe", workdir) as tmp:
         if not accels:
             raise ConfigError(f"{qemu} lists no accelerators with -accel help; is it QEMU?")
         vm = Machine("probe", qemu, accel="tcg" if "tcg" in accels else accels[0],

@@ -29,7 +29,6 @@ import json
 import math
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import IO, TYPE_CHECKING
 import pexpect
 from pexpect import fdpexpect
 
+from harness import tmpdirs
 from harness.bitmaps import HashLabels
 from harness.errors import GuestError, HarnessError, MachineStateError
 from harness.guest_image import READY_MARKER, GuestFiles
@@ -488,7 +488,7 @@ _DECIDED: dict[str, GuestAccel] = {}
 
 
 def _probe_kvm_guest(qemu: str, files: GuestFiles, say: Callable[[str], None]) -> GuestAccel:
-    with tempfile.TemporaryDirectory(prefix="qio-guest-probe-") as tmp:
+    with tmpdirs.temporary("guest-probe") as tmp:
         took, why = probe_boot(qemu, "kvm", files, Path(tmp), KVM_PROBE_TIMEOUT)
     if took is not None:
         return GuestAccel("kvm", f"kvm (the guest booted under KVM in {took:.1f} s)")

@@ -35,11 +35,11 @@ import shutil
 import stat
 import struct
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import tmpdirs
 from harness.errors import ConfigError
 
 #: kernel packages, best first; the first one apt has a candidate for is used
@@ -395,7 +395,7 @@ def _ensure(say: Say, root: Path) -> GuestFiles:
 
 
 def _build(packages: Sequence[Package], target: Path, say: Say) -> None:
-    with tempfile.TemporaryDirectory(prefix="qio-guest-", dir=target.parent) as tmp:
+    with tmpdirs.temporary("guest", target.parent) as tmp:
         work = Path(tmp)
         say("apt-get download " + " ".join(p.name for p in packages))
         _run(["apt-get", "download", *(f"{p.name}={p.version}" for p in packages)],

@@ -27,7 +27,6 @@ context creates; the harness's own reads (the oracle, the probe) need only this 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -45,7 +44,7 @@ from typing import IO, Any, Protocol, Self
 from qemu.qmp import ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError as LibQMPError
 
-from harness import signals
+from harness import signals, tmpdirs
 from harness.errors import (
     CommandError,
     ConfigError,
@@ -110,22 +109,10 @@ def short_socket_dir() -> Path:
     # TMPDIR when it is short (a CI runner's, a test's own); macOS's long one is not
     tmp = tempfile.gettempdir()
     base = tmp if len(tmp) <= 40 or not os.path.isdir("/tmp") else "/tmp"
-    with signals.timeout_deferred():  # made and remembered (for exit) as one step
-        path = Path(tempfile.mkdtemp(prefix="qio-", dir=base))
-        _SOCKET_DIRS.append(path)
-    return path
-
-
-#: Every socket dir this process made. A test interrupted between making its dir and
-#: reaching its teardown (SIGTERM or Ctrl-C during fixture set-up) never removes it, so
-#: whatever is left goes when the process exits.
-_SOCKET_DIRS: list[Path] = []
-
-
-@atexit.register
-def _remove_socket_dirs() -> None:
-    for path in _SOCKET_DIRS:
-        shutil.rmtree(path, ignore_errors=True)
+    with signals.timeout_deferred():  # made and handed over as one step
+        # named after this process: whatever its owner never removes goes at the exit
+        # (or in the next sweep, if this process is killed): harness.tmpdirs
+        return tmpdirs.make(base=base)
 
 
 class Machine:

@@ -29,14 +29,13 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from harness import artifacts, ghactions, processes, signals
+from harness import artifacts, ghactions, processes, signals, tmpdirs
 from harness.binaries import ROLES
 from harness.errors import ConfigError, GoldenError, HarnessError
 from harness.golden import GoldenFile, RegenStore, compare, golden_path_for, section_name
@@ -84,7 +83,7 @@ def _discover(config: pytest.Config) -> Environment:
                                config.getoption("qio_guest_kernel"),
                                config.getoption("qio_guest_initrd"))
     # what the session's processes (xdist workers) decide once for all: the guest's accel
-    shared = tempfile.mkdtemp(prefix="qio-session-")
+    shared = str(tmpdirs.make("session"))
     config.add_cleanup(lambda: shutil.rmtree(shared, ignore_errors=True))
     return env.sharing(shared)
 
@@ -125,6 +124,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if workerinput.get(WORKER_ENV):
             config.stash[ENV_KEY] = Environment.from_json(workerinput[WORKER_ENV])
         return
+    tmpdirs.sweep()  # what runs killed outright left (harness.tmpdirs)
     if _runs_cases(config):
         try:
             config.stash[ENV_KEY] = _discover(config)
@@ -255,6 +255,7 @@ class _Controller:
         # trylast: pytest's own sessionfinish tears down the fixtures of a test that was
         # interrupted (Ctrl-C) first, so its VM is stopped there, not reported here
         self.leftovers += [f"{pid} {label}" for pid, label in REGISTRY.kill_all()]
+        tmpdirs.sweep()  # the directories of workers that were killed (xdist's kill too)
         if self.leftovers and session.exitstatus in (pytest.ExitCode.OK,
                                                      pytest.ExitCode.TESTS_FAILED):
             # a QEMU outliving its test is a harness bug: fail the run

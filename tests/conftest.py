@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -105,9 +106,16 @@ class Project:
         path.write_text(textwrap.dedent(text).lstrip())
         return path
 
-    def run(self, *args: str, timeout: float = 90) -> pytest.RunResult:
-        """``pytest cases ARGS`` in a subprocess, in the project directory."""
-        return self.pytester.runpytest_subprocess("cases", *args, timeout=timeout)
+    def run(self, *args: str, timeout: float = 240) -> pytest.RunResult:
+        """``pytest cases ARGS`` in a subprocess, in the project directory. ``timeout`` is
+        a hang bound, not a speed requirement: a run that exceeds it is killed and the
+        test fails saying it hung."""
+        try:
+            return self.pytester.runpytest_subprocess("cases", *args, timeout=timeout)
+        except pytest.Pytester.TimeoutExpired:
+            pytest.fail(f"hang: 'pytest cases {' '.join(args)}' did not end within "
+                        f"{timeout:g} s (a bound for hangs, far above its usual time); "
+                        "killed", pytrace=False)
 
     def _records(self) -> list[list[str]]:
         path = self.root / PIDS_FILE
@@ -203,6 +211,22 @@ def no_leftovers() -> Iterator[None]:
         os.kill(pid, signal.SIGKILL)
         REGISTRY.forget(pid)
     assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture
+def short_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """TMPDIR for the runs a test starts, short enough that the harness puts its sockets
+    there too (it uses TMPDIR up to 40 bytes): every ``qio-*`` directory those runs make
+    lands in it, where :func:`qio_dirs` can see what was left."""
+    path = Path(tempfile.mkdtemp(prefix="qt-", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def qio_dirs(tmpdir: Path) -> list[str]:
+    """The ``qio-*`` directories in ``tmpdir`` (left behind, when a run has ended)."""
+    return sorted(p.name for p in tmpdir.glob("qio-*"))
 
 
 def pid_gone(pid: int) -> bool:
