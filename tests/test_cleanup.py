@@ -13,10 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import START_VM, Project, wait_gone
+from tests.conftest import START_VM, Project, qio_dirs, wait_gone
 
 LIFECYCLE = START_VM + '''
 
@@ -101,11 +102,11 @@ def test_failure_and_outside_kill_leave_no_qemu(project: Project) -> None:
     assert_all_gone(project, {"fails", "killed", "sibling"})
 
 
-def test_timeouts_leave_no_qemu(project: Project) -> None:
+def test_timeouts_leave_no_qemu(project: Project, short_tmpdir: Path) -> None:
+    """Each test times out and is reported so; nothing is left. (No bound on how long
+    the run takes, only one for a hang: Project.run fails a run that never ends.)"""
     project.case("timeouts", TIMEOUTS)
-    start = time.monotonic()
     result = project.run("--timeout=3", "-n", "2")
-    assert time.monotonic() - start < 30
     result.assert_outcomes(failed=2)
     out = result.stdout.str()
     for test in ("test_sleeps", "test_waits_for_an_event"):
@@ -116,6 +117,7 @@ def test_timeouts_leave_no_qemu(project: Project) -> None:
     assert "Task exception was never retrieved" not in noise
     assert "Task was destroyed but it is pending" not in noise
     assert_all_gone(project, {"sleeps", "waits"})
+    assert qio_dirs(short_tmpdir) == []
 
 
 @pytest.mark.parametrize("mode", [["-p", "no:xdist"], ["-n", "2"]], ids=["single", "xdist"])
