@@ -119,7 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # a SIGTERM (CI cancel) cleans up as Ctrl-C does; the controller passes it on to workers
     config.add_cleanup(signals.sigterm_as_ctrl_c(
         None if workerinput is not None else _worker_pids))
-    config.pluginmanager.register(_TimeoutGuard(), "qiotests-timeout")
+    config.pluginmanager.register(_TimeoutGuard(config), "qiotests-timeout")
     if workerinput is not None:
         if workerinput.get(WORKER_ENV):
             config.stash[ENV_KEY] = Environment.from_json(workerinput[WORKER_ENV])
@@ -139,6 +139,22 @@ def _worker_pids() -> list[int]:
     return [pid for pid in signals.child_pids() if pid not in ours]
 
 
+#: What a run stopped by SIGTERM says, last (the QEMUs are stopped by then).
+SIGTERM_SENTENCE = ("stopped by SIGTERM: the run ends here, its QEMU processes are stopped "
+                    "and its qio-* directories removed")
+
+
+def _check_termination() -> None:
+    """A safe point between and inside test phases: a SIGTERM that code catching
+    everything dropped is raised again here (harness.signals.Termination)."""
+    if signals.termination is not None:
+        signals.termination.check()
+
+
+def terminated_by_sigterm() -> bool:
+    return signals.termination is not None and signals.termination.requested
+
+
 def _fail(message: str) -> None:
     __tracebackhide__ = True
     pytest.fail(message)
@@ -151,7 +167,8 @@ class _TimeoutGuard:
     leaves are reported after the garbage collection that finds them
     (harness.signals.UnraisableAfterGC), never inside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
         self.clock = signals.TimeoutClock(_fail)
         self.unraisable = signals.UnraisableAfterGC()
 
@@ -176,15 +193,21 @@ class _TimeoutGuard:
         self.clock.stop()
         return True
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> None:
+        _check_termination()
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
         self.unraisable.flush()
+        _check_termination()
         with self.clock.running():
             return (yield)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
         self.unraisable.flush()
+        _check_termination()
         with self.clock.running():
             return (yield)
 
@@ -196,6 +219,22 @@ class _TimeoutGuard:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
         self.unraisable.flush()
+        _check_termination()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        """pytest has the interruption in hand: a later SIGTERM must not break its
+        cleanup. A SIGTERM's is said in one sentence instead of pytest's KeyboardInterrupt
+        line and the harness frame it was raised in (pytest prints a message without the
+        word KeyboardInterrupt alone)."""
+        term = signals.termination
+        if term is None or not term.requested:
+            return
+        term.acknowledge()
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        memo = getattr(reporter, "_keyboardinterrupt_memo", None)
+        if memo is not None and getattr(memo, "reprcrash", None) is not None:
+            memo.reprcrash.message = SIGTERM_SENTENCE
 
 
 class _Controller:
@@ -260,6 +299,8 @@ class _Controller:
                                                      pytest.ExitCode.TESTS_FAILED):
             # a QEMU outliving its test is a harness bug: fail the run
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if terminated_by_sigterm():  # even if the run went on to its end
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
         self.written = self.regen.write_all()
         if self.regen.problems and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED  # a golden file was not written

@@ -3,9 +3,8 @@
 SIGTERM is what CI runners send on cancel. Python's default for it ends the process at
 once, without ``finally`` blocks or fixture teardown: QEMU died (its death signal) but the
 socket directories stayed in ``/tmp``. :func:`sigterm_as_ctrl_c` makes a SIGTERM do what
-Ctrl-C does: a ``KeyboardInterrupt`` in this process and, in the xdist controller, a SIGINT
-to each worker (Ctrl-C in a terminal reaches every process of the foreground group; a
-SIGTERM reaches only the one it was sent to).
+Ctrl-C does, a ``KeyboardInterrupt`` in this process and in each xdist worker, and makes
+sure it is not lost where Python drops exceptions (:class:`Termination`).
 
 pytest-timeout's signal method raises its timeout from a SIGALRM handler wherever the test
 process happens to be. At a tiny ``--timeout`` that is often inside pytest itself, building
@@ -45,6 +44,8 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType, TracebackType
 from typing import Any
@@ -60,30 +61,103 @@ def child_pids() -> list[int]:
     return pids
 
 
-def sigterm_as_ctrl_c(forward_to: Callable[[], list[int]] | None = None) -> Callable[[], None]:
-    """Handle SIGTERM as a Ctrl-C: SIGINT to ``forward_to()``'s pids, then
-    ``KeyboardInterrupt`` here. Later SIGTERMs are ignored, so that cleanup can finish (as
-    the runner's SIGKILL would end it anyway). Returns the function that restores the old
-    handler; does nothing outside the main thread."""
-    fired = False
+class Termination:
+    """SIGTERM as a Ctrl-C that cannot be lost: ``KeyboardInterrupt`` until the run acts on it.
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        nonlocal fired
-        if fired:
+    Python runs a signal handler between two bytecodes of the main thread, wherever that
+    is, and an exception it raises propagates from there, except where nothing can: in a
+    finalizer (``__del__``, a ``weakref.finalize`` or garbage-collector callback) the
+    interpreter prints "Exception ignored in ..." and drops it. Raised once, as Ctrl-C is,
+    a SIGTERM that came during a garbage collection was lost (about 1 run in 6 under
+    load, where collections of the harness's asyncio and subprocess objects are many and
+    slow): the run went on to its end, and every later SIGTERM was ignored. So:
+
+    * each SIGTERM raises ``KeyboardInterrupt`` until the run has taken it
+      (:meth:`acknowledge`: pytest caught it and starts its cleanup, which later ones
+      must not break);
+    * one that a finalizer dropped is seen (``sys.unraisablehook``) and delivered again
+      from a watcher thread, until one lands where it propagates;
+    * one that code catching everything dropped is raised again at the next safe point
+      (:meth:`check`: pytest calls it before each test phase);
+    * the first is passed on, as SIGTERM, to ``forward_to()``'s pids (the xdist workers,
+      which handle it the same way; Ctrl-C in a terminal reaches every process of the
+      foreground group, a SIGTERM only the one it was sent to).
+    """
+
+    def __init__(self, forward_to: Callable[[], list[int]] | None = None) -> None:
+        self.forward_to = forward_to
+        self.requested = False
+        self.acknowledged = False
+        self.redelivered = 0  # SIGTERMs sent again because a finalizer dropped one
+        self._dropped = threading.Event()
+        self._hook: Callable[[Any], object] | None = None
+        self._main = threading.main_thread().ident
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.acknowledged:
             return
-        fired = True
-        for pid in forward_to() if forward_to is not None else []:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGINT)
+        if not self.requested:
+            self.requested = True
+            for pid in self.forward_to() if self.forward_to is not None else []:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            self._hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            threading.Thread(target=self._watch, name="qiotests-sigterm", daemon=True).start()
         raise KeyboardInterrupt("SIGTERM")
 
+    def acknowledge(self) -> None:
+        """The run has the interruption in hand: later SIGTERMs are ignored."""
+        self.acknowledged = True
+        self._dropped.set()  # let the watcher end
+
+    def check(self) -> None:
+        """At a safe point: raise the interruption again if a SIGTERM came and was lost."""
+        if self.requested and not self.acknowledged:
+            raise KeyboardInterrupt("SIGTERM")
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and not self.acknowledged:
+            self._dropped.set()  # dropped by a finalizer: no report, it comes again
+            return
+        if self._hook is not None:
+            self._hook(unraisable)
+
+    def _watch(self) -> None:
+        while True:
+            self._dropped.wait()
+            if self.acknowledged:
+                return
+            self._dropped.clear()
+            # pace: the finalizer that dropped it may still run (each drop sends it again)
+            time.sleep(0.01)
+            self.redelivered += 1
+            with contextlib.suppress(ProcessLookupError, OSError):
+                if self._main is not None:
+                    signal.pthread_kill(self._main, signal.SIGTERM)
+
+
+#: The Termination the SIGTERM handler of this process feeds (None: not installed).
+termination: Termination | None = None
+
+
+def sigterm_as_ctrl_c(forward_to: Callable[[], list[int]] | None = None) -> Callable[[], None]:
+    """Handle SIGTERM as a Ctrl-C that cannot be lost (:class:`Termination`, kept in
+    :data:`termination`). Returns the function that restores the old handler; does
+    nothing outside the main thread."""
+    global termination
+    term = Termination(forward_to)
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGTERM, term.on_signal)
     except ValueError:  # not the main thread
         return lambda: None
+    termination = term
 
     def restore() -> None:
+        global termination
         signal.signal(signal.SIGTERM, previous)
+        if termination is term:
+            termination = None
     return restore
 
 

@@ -11,6 +11,8 @@ import ast
 import contextlib
 import gc
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -254,3 +256,86 @@ def test_an_error_after_the_timeout_does_not_hide_it(clock: TimeoutClock) -> Non
         except TimedOut:
             raise AssertionError("explore: 0 examples: FAILED (Failed)") from None
     assert isinstance(info.value.__cause__, AssertionError)
+
+
+# -- SIGTERM (issue 9, item 7) ------------------------------------------------------------
+
+
+@pytest.fixture
+def termination(monkeypatch: pytest.MonkeyPatch) -> Iterator[signals.Termination]:
+    """A Termination on the real SIGTERM of this process (restored after the test)."""
+    monkeypatch.setattr("sys.unraisablehook", sys.unraisablehook)  # it wraps the hook
+    term = signals.Termination()
+    previous = signal.signal(signal.SIGTERM, term.on_signal)
+    try:
+        yield term
+    finally:
+        term.acknowledge()  # ends its watcher thread
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SigtermInFinalizer:
+    """A finalizer that is running when the SIGTERM comes (as a garbage collection of the
+    harness's asyncio and subprocess objects often is, under load)."""
+
+    def __init__(self, cut: list[bool]) -> None:
+        self.cut = cut
+
+    def __del__(self) -> None:
+        self.cut.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, in the finalizer
+        self.cut.clear()  # never reached: the KeyboardInterrupt cut the finalizer short
+
+
+def test_a_sigterm_a_finalizer_dropped_is_raised_again_after_it(
+        termination: signals.Termination) -> None:
+    """Python drops an exception raised in a finalizer ("Exception ignored in"): the
+    SIGTERM's KeyboardInterrupt was lost and the run went on to its end."""
+    cut: list[bool] = []
+    went_on: list[bool] = []
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        SigtermInFinalizer(cut)  # no reference: finalized at once
+        assert cut == [True], "the SIGTERM did not land in the finalizer"
+        wait_for(went_on)  # interrupted here, where it propagates (else: DID NOT RAISE)
+    assert termination.redelivered >= 1
+
+
+def test_every_sigterm_raises_until_the_run_takes_it(termination: signals.Termination) -> None:
+    """One caught by code that catches everything is not the last word; after
+    acknowledge() (pytest has it in hand, cleanup runs) they are ignored."""
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for([])
+    with pytest.raises(KeyboardInterrupt):
+        termination.check()  # a safe point raises it again too
+    termination.acknowledge()
+    os.kill(os.getpid(), signal.SIGTERM)
+    termination.check()
+
+
+def test_the_first_sigterm_is_passed_on_to_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As SIGTERM, once, so that each xdist worker's own Termination handles it."""
+    monkeypatch.setattr("sys.unraisablehook", sys.unraisablehook)
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import signal, sys\n"
+                              "got = []\n"
+                              "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+                              "print('ready', flush=True)\n"
+                              "sys.stdin.readline()\n"
+                              "print(len(got), flush=True)\n"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        term = signals.Termination(lambda: [child.pid])
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                term.on_signal(signal.SIGTERM, None)
+        term.acknowledge()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "1\n"
+    finally:
+        child.kill()
+        child.wait()
