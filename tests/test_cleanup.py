@@ -153,6 +153,9 @@ def signalled(project: Project, ready: Callable[[], bool], sig: int,
         [sys.executable, "-m", "pytest", "cases", f"--basetemp={project.root / 'basetemp'}",
          *args],
         cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C works even when this run was started with SIGINT ignored (a background
+        # job of a shell without job control), which the child would inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + START_BOUND
@@ -304,7 +307,11 @@ def test_a_tiny_timeout_never_ends_in_internalerror(project: Project) -> None:
     assert "INTERNALERROR" not in out, out
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) + outcomes.get("passed", 0) == 16, outcomes
+    # a timeout that comes while the test is still being set up (a loaded machine) is
+    # reported as an error, which README documents; nothing else may be
+    assert sum(outcomes.get(k, 0) for k in ("failed", "passed", "errors")) == 16, outcomes
+    errors = re.findall(r"^ERROR \S+ - (.*)$", out, re.MULTILINE)
+    assert all(e.startswith("Failed: Timeout (>0.3s)") for e in errors), errors
     assert "Timeout (>0.3s): the test ran longer than --timeout" in out
     assert re.search(r"=+ \d+ failed[^\n]* in [\d.]+s", out), out
     assert "left running" not in out
