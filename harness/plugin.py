@@ -90,15 +90,25 @@ def _discover(config: pytest.Config) -> Environment:
 
 def _say(config: pytest.Config) -> Callable[[str], None]:
     """Progress a case shows on the terminal while it runs (building the guest), also
-    from an xdist worker: pytest's capture is suspended for the line."""
-    first = [True]  # the first line of a test leaves pytest's progress line first
+    from an xdist worker: pytest's capture is suspended for the line, and each line starts
+    on a line of its own. In one process the terminal reporter knows whether its progress
+    line is open; an xdist worker shares the terminal with the controller, which prints
+    the progress dots and could have begun a line since the last one said, so a worker
+    always starts a new line (at worst an empty one between two of its own)."""
 
     def say(text: str) -> None:
         capture = config.pluginmanager.getplugin("capturemanager")
+        reporter = config.pluginmanager.getplugin("terminalreporter")
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            sys.stderr.write(f"{chr(10) if first[0] else ''}qiotests: {text}\n")
-            sys.stderr.flush()
-        first[0] = False
+            if reporter is not None and not hasattr(config, "workerinput"):
+                # the dots of -q do not count as an open line for ensure_newline()
+                if getattr(reporter, "_width_of_current_line", 1):
+                    reporter.write("\n")
+                reporter.write_line(f"qiotests: {text}")
+                reporter.flush()
+            else:
+                sys.stderr.write(f"\nqiotests: {text}\n")
+                sys.stderr.flush()
     return say
 
 

@@ -390,3 +390,45 @@ def test_requires_args_names_the_missing_argument() -> None:
         "QEMU 9.9.9: migrate-set-parameters has no argument 'map.transform'")
     assert unmet_requirements(env, args=["migrate-set-parameters.block-bitmap-mapping"]) == (
         "QEMU 9.9.9: migrate-set-parameters has no argument 'block-bitmap-mapping'")
+
+
+SAYS = '''
+import os
+import time
+from pathlib import Path
+
+from harness.session import Case
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def test_{i}a(qio: Case) -> None:
+    qio.say("first line")
+    # a test of another worker ends meanwhile: the controller prints its dot (a guest
+    # build says a line every few seconds)
+    deadline = time.monotonic() + (10 if os.environ.get("PYTEST_XDIST_WORKER") else 0)
+    while not (HERE / "b{j}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    qio.say("second line")
+
+
+def test_{i}b(qio: Case) -> None:
+    (HERE / "b{i}").write_text("")
+'''
+
+
+@pytest.mark.parametrize("mode", [["-p", "no:xdist"], ["-n", "2"]], ids=["single", "xdist"])
+def test_progress_lines_start_on_a_line_of_their_own(project: Project, mode: list[str]) -> None:
+    """What a case says while it runs (the guest build's progress) never shares a line
+    with pytest's progress dots, in one process or from an xdist worker."""
+    for i in range(4):
+        project.case(f"says{i}", SAYS.format(i=i, j=i ^ 1))
+    # one stream, as on a terminal: the dots go to stdout, a worker's lines to stderr
+    cp = subprocess.run([sys.executable, "-m", "pytest", "cases", "-q", *mode,
+                         f"--basetemp={project.root / 'basetemp'}"], cwd=project.root,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=240, check=False)
+    assert cp.returncode == 0, cp.stdout
+    said = [ln for ln in cp.stdout.splitlines() if "qiotests: " in ln]
+    assert len(said) == 8 and all(ln.startswith("qiotests: ") for ln in said), cp.stdout
