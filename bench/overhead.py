@@ -56,7 +56,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -66,6 +65,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness import tmpdirs
 from harness.binaries import find_binaries, list_accelerators
 from harness.errors import HarnessError
 from harness.machine import Machine, tail
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ("  (busy machine: expect noisy figures)" if load > cpus / 2 else ""), flush=True)
 
     old_term = signal.signal(signal.SIGTERM, _sigterm)
-    scratch = Path(tempfile.mkdtemp(prefix="qio-bench-", dir="/tmp"))
+    scratch = tmpdirs.make("bench", "/tmp")
     sockdir = scratch / "s"
     sockdir.mkdir()
     bare: BareQemu | None = None
