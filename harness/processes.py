@@ -258,7 +258,7 @@ class ProcessRegistry:
                 else:
                     wait_exit(proc, 0.0)  # kills what is left of its group, then reaps
                     self.forget(pid)
-            elif _pid_alive(pid):
+            elif pid_alive(pid):
                 out.append((pid, label))
             else:
                 self.forget(pid)
@@ -437,7 +437,8 @@ def _read(f: IO[bytes]) -> str:
     return text + ("\n[output cut at 64 MiB]\n" if len(data) > RUN_OUTPUT_MAX else "")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not: it only waits to be reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

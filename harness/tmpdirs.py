@@ -34,6 +34,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from harness.processes import pid_alive
+
 #: ``qio-`` [kind ``-``] pid ``-`` mkdtemp's 8 random characters
 _NAME = re.compile(r"qio-(?:[a-z]+(?:-[a-z]+)*-)?(\d+)-[a-z0-9_]{8}")
 
@@ -81,16 +83,6 @@ def remove_own() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep(*bases: str | os.PathLike[str]) -> list[Path]:
     """Remove the ``qio-*`` directories (of this user) whose process no longer exists,
     in ``bases`` (default: TMPDIR and ``/tmp``); returns what was removed."""
@@ -104,7 +96,7 @@ def sweep(*bases: str | os.PathLike[str]) -> list[Path]:
             continue
         for path in entries:
             pid = owner(path)
-            if pid is None or pid == os.getpid() or _process_exists(pid):
+            if pid is None or pid == os.getpid() or pid_alive(pid):
                 continue
             try:
                 if path.lstat().st_uid != uid or not path.is_dir() or path.is_symlink():
