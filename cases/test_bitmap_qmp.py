@@ -243,3 +243,15 @@ def test_failed_transaction_keeps_removed_bitmap_on_disk(qio: Case) -> None:
     on_disk = [b.name for b in qio.show_image_bitmaps("disk.qcow2", force_share=True)]
     assert on_disk == ["b0", "other"], f"a failed transaction removed b0 from the " \
         f"image: it holds {on_disk}"
+
+
+def test_remove_persistent_bitmap_never_stored(qio: Case) -> None:
+    """A persistent bitmap added since the open is not in the image yet: removing it must
+    succeed and leave the image's other bitmaps exactly as they are."""
+    vm = stored_b0(qio)
+    vm.qmp_log("block-dirty-bitmap-add", node="drive0", name="new", persistent=True)
+    vm.qmp_log("block-dirty-bitmap-remove", node="drive0", name="new")
+    assert [b.name for b in qio.show_image_bitmaps("disk.qcow2", force_share=True)] == [
+        "b0", "other"]
+    vm.shutdown()
+    assert [b.name for b in qio.show_image_bitmaps("disk.qcow2")] == ["b0", "other"]
