@@ -1,4 +1,4 @@
-"""A bounded, derandomized run of the stateful exploration (harness/explore.py).
+"""A bounded, derandomized run of the stateful exploration (harness/explore/).
 
 Hypothesis draws the same sequences every run (``derandomize``): writes, zero writes and
 discards anywhere on a disk of a drawn size, bitmaps of any granularity, merges, snapshots,

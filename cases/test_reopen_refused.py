@@ -1,6 +1,6 @@
 """A blockdev-reopen that QEMU refuses must leave the node exactly as it was.
 
-Found by the exploration (``harness/explore.py``): a guest's disk holds write permission on
+Found by the exploration (``harness/explore/``): a guest's disk holds write permission on
 its node, so a read-only reopen of that node is refused ("Read-only block node ... cannot
 support read-write users"). QEMU's qcow2 driver prepares a read-only reopen by storing the
 persistent bitmaps and marking them read-only (``qcow2_reopen_prepare`` ->

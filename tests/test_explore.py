@@ -1,4 +1,4 @@
-"""The pure parts of the exploration (harness/explore.py): the step encoding, the printed
+"""The pure parts of the exploration (harness/explore/): the step encoding, the printed
 case, the database location. The rules themselves run against QEMU in
 cases/test_explore.py."""
 
