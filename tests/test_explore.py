@@ -11,8 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from harness.errors import OracleFailure
 from harness.explore import (
+    BitmapMachine,
     Call,
+    Context,
     Expr,
     Spread,
     Step,
@@ -22,9 +25,13 @@ from harness.explore import (
     region,
     render_case,
     resized,
+    rules,
     source,
     stmt_lines,
 )
+from harness.explore.world import REST
+from harness.session import Environment
+from tests.conftest import Project
 
 MiB = 1 << 20
 
@@ -123,8 +130,49 @@ def test_failing_steps_end_with_the_interrupted_step_and_the_failed_check() -> N
     done = [Step("add", (Stmt(Call.of("vm.launch")),))]
     write = Stmt(Call.of("writes", Expr("vm", None), "d0", [(0, 1)]))
     check = Stmt(Call.of("qio.check_live", Expr("vm", None), "d0"))
-    w = SimpleNamespace(steps=done, _pending=[write], last_check=None)
+    w = SimpleNamespace(steps=done, _pending=[write], last_check=None, undo=[])
     assert [s.rule for s in failing_steps(w)] == ["add", "the step that failed"]  # type: ignore[arg-type]
-    w = SimpleNamespace(steps=done, _pending=[], last_check=check)
+    # what the interrupted step started is undone after it, the innermost first
+    outer, inner = Stmt(Call.of("vm.qmp_log", "blockdev-del")), Stmt(Call.of("nbd_export_del"))
+    w = SimpleNamespace(steps=done, _pending=[write], last_check=None, undo=[(outer,), (inner,)])
+    out = failing_steps(w)  # type: ignore[arg-type]
+    assert [s.rule for s in out] == ["add", "the step that failed", REST]
+    assert out[-1].stmts == (inner, outer)
+    w = SimpleNamespace(steps=done, _pending=[], last_check=check, undo=[])
     out = failing_steps(w)  # type: ignore[arg-type]
     assert out[-1].stmts == (check,) and len(out) == 2
+
+
+def test_a_case_printed_mid_pull_ends_cleanly_once_it_passes(
+        qio_env: Environment, tmp_path: Path, project: Project,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: a failure inside the pull rule (the client's read checked against the
+    model) printed a case that stopped there, export and fleecing job still up; pasted and
+    run on a QEMU that passes that check, its teardown's automatic check then met a
+    bitmap "in use by another operation". The printed case goes on with the rest of the
+    step (what it started, undone), so it ends cleanly. The failure is the one fake here:
+    the check, made to fail once; QEMU and the printed case's run are real."""
+    rules.CONTEXT = Context(qio_env, tmp_path / "explore")
+    try:
+        m = BitmapMachine()
+        m.start(size=0x100000, cluster=0x10000, bitmaps=[(0x10000, False)],
+                requests=[("write", False, 0, 0x1000)])
+
+        def planted(*args: object, **kwargs: object) -> None:
+            raise OracleFailure("planted by the self-test")
+
+        with monkeypatch.context() as mp, pytest.raises(OracleFailure, match="planted"):
+            mp.setattr(m.w.case.oracle, "check_ranges", planted)
+            m.pull(pick=0, during=True, window=False, from_end=False, distance=0,
+                   length=0x200)
+        text = render_case(failing_steps(m.w), "OracleFailure: planted", "test")
+        m.w.close(failed=True)
+    finally:
+        rules.CONTEXT = None
+    body = text[text.index("def test_found_by_explore"):]
+    assert body.index("check_ranges") < body.index("nbd_export_del"), text
+    project.case("found", text)
+    result = project.run("-p", "no:warnings", "--regen", timeout=180)
+    out = result.stdout.str() + result.stderr.str()
+    assert "in use by another operation" not in out, text + out
+    assert result.ret == 0 and "1 passed" in out, text + out

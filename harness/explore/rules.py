@@ -334,8 +334,10 @@ class BitmapMachine(RuleBasedStateMachine):
                 kw["bitmap_mode"] = mode
         w.do(Stmt(Call.of("add_target", Expr("qio", w.case), Expr("vm", w.vm),
                           w.file(target), w.size)))
+        w.started(Stmt(Call.of("del_target", Expr("vm", w.vm), w.file(target))))
         if w.qmp("blockdev-backup", Call.of("backup_job", job, w.top, target, **kw)):
             w.job(job)
+        w.finished()
         w.do(Stmt(Call.of("del_target", Expr("vm", w.vm), w.file(target))))
         w.end_step(f"backup sync={sync}")
 
@@ -389,18 +391,25 @@ class BitmapMachine(RuleBasedStateMachine):
         w.do(Stmt(Call.of("qio.img.create", w.file(fleece), w.size, "qcow2")))
         w.do(Stmt(Call.of("vm.qmp_log", "blockdev-add", Call.of(
             "qcow2_node", w.path(fleece), fleece, backing=w.top))))
+        w.started(Stmt(Call.of("vm.qmp_log", "blockdev-del", node_name=fleece)))
         if w.qmp("transaction", actions=[
                 Call.of("bitmap_add", w.top, copy, gran, disabled=True),
                 Call.of("action", "block-dirty-bitmap-merge", node=w.top, target=copy,
                         bitmaps=[src]),
                 Call.of("action", "blockdev-backup", job_id=job, device=w.top, target=fleece,
                         sync="none")]):
+            w.started(Stmt(Call.of("vm.qmp_log", "job-cancel", id=job)),
+                      Stmt(Call.of("vm.run_job", job)),
+                      Stmt(Call.of("vm.qmp_log", "block-dirty-bitmap-remove", node=w.top,
+                                   name=copy)))
             assert w.vm is not None
             sock = Expr('vm.socket_path.parent / "pull.nbd"',
                         w.vm.socket_path.parent / "pull.nbd")
             w.do(Stmt(Call.of("nbd_server_start", vm, sock)))
+            w.started(Stmt(Call.of("vm.qmp_log", "nbd-server-stop")))
             w.do(Stmt(Call.of("nbd_export_add", vm, fleece, "pull", sock, copy), "export = {}"))
             export = Expr("export", w.ns["export"])
+            w.started(Stmt(Call.of("nbd_export_del", vm, export)))
             off, n = region(w.size, from_end, distance, length)
             if during:
                 w.do(Stmt(Call.of("guest_writes", vm, [(off, n)], PATTERN)))
@@ -408,11 +417,15 @@ class BitmapMachine(RuleBasedStateMachine):
             w.do(Stmt(Call.of("qio.oracle.check_ranges", vm, w.top, copy, Call.of(
                 "dirty_extents", Expr("qio.img", w.case.img), export, copy, **where),
                 f"pulled {copy}", exact=False, **where)))
+            w.finished()
             w.do(Stmt(Call.of("nbd_export_del", vm, export)))
+            w.finished()
             w.qmp("nbd-server-stop")
+            w.finished()
             w.qmp("job-cancel", id=job)
             w.job(job)
             w.qmp("block-dirty-bitmap-remove", node=w.top, name=copy)
+        w.finished()
         w.qmp("blockdev-del", node_name=fleece)
         w.end_step(f"pull backup of {w.top}/{src}")
 

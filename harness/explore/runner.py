@@ -18,7 +18,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from harness.explore import rules
 from harness.explore.rules import BitmapMachine, Context
 from harness.explore.steps import ERRORS, render_case
-from harness.explore.world import failing_steps
+from harness.explore.world import REST, failing_steps
 from harness.session import Environment
 
 
@@ -123,7 +123,8 @@ def run(env: Environment, scratch: Path, budget: Budget,
         steps = failing_steps(shown) if shown is not None else []
         out.failure = f"{type(failure).__name__}: {failure}"
         out.error = type(failure).__name__
-        out.case_steps = sum(1 for s in steps if s.rule != "the oracle's check that failed")
+        out.case_steps = sum(1 for s in steps
+                             if s.rule not in ("the oracle's check that failed", REST))
         out.case = render_case(steps, out.failure, env.probe.version,
                                error=out.error if out.error in ERRORS else "Exception")
     return out

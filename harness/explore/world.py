@@ -40,6 +40,10 @@ class World:
             **{n: getattr(backup, n) for n in (
                 "nbd_server_start", "nbd_export_add", "nbd_export_del", "dirty_extents")}}
         self._pending: list[Stmt] = []
+        #: what the step in progress started and must undo (innermost last), each as the
+        #: statements a case undoes it with: printed after a step that failed half-way,
+        #: so that the case ends cleanly once QEMU passes the line that failed
+        self.undo: list[tuple[Stmt, ...]] = []
         self.last_check: Stmt | None = None
         self.error: BaseException | None = None  # what failed this example
 
@@ -126,10 +130,19 @@ class World:
         """A step or a check did not finish: the example is failing."""
         return bool(self._pending) or self.last_check is not None
 
+    def started(self, *undo: Stmt) -> None:
+        """The step started something (an export, a job, a node) that ``undo`` ends."""
+        self.undo.append(undo)
+
+    def finished(self) -> None:
+        """The step is about to undo the last thing it started (it runs that itself)."""
+        self.undo.pop()
+
     def end_step(self, rule: str) -> None:
         if self._pending:
             self.steps.append(Step(rule, tuple(self._pending)))
         self._pending = []
+        self.undo = []
 
     # -- the disk ---------------------------------------------------------------------------
 
@@ -247,12 +260,21 @@ class World:
         return self.case.close(failed=failed)
 
 
+#: the comment over the statements that undo what a failed step started
+REST = "the rest of that step: undo what it started (once QEMU passes the line above)"
+
+
 def failing_steps(w: World) -> list[Step]:
     """The steps of a failed example as a case replays them: the steps that ran, the one
-    that was interrupted, and the check that failed (if it was a check)."""
+    that was interrupted and then the rest of it that undoes what it had started (an
+    export, a job: a case that passes that point then ends as cleanly as the step
+    would have), and the check that failed (if it was a check)."""
     steps = list(w.steps)
     if w._pending:
         steps.append(Step("the step that failed", tuple(w._pending)))
+        rest = tuple(s for group in reversed(w.undo) for s in group)
+        if rest:
+            steps.append(Step(REST, rest))
     if w.last_check is not None:
         steps.append(Step("the oracle's check that failed", (w.last_check,)))
     return steps
