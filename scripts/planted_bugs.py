@@ -137,6 +137,13 @@ BUGS: tuple[Bug, ...] = (
         (Edit("util/hbitmap.c", "hbitmap_truncate",
               "hbitmap_reset(hb, start, fix_count);", "delete-line"),),
     ),
+    Bug(
+        "discard-not-dirty",
+        "a discard no longer marks the bitmaps of the node: the discarded range reads as "
+        "zeroes (or stale data) afterwards, but an incremental backup does not copy it",
+        (Edit("block/io.c", "bdrv_co_write_req_finish",
+              "case BDRV_TRACKED_DISCARD:", "delete-line"),),
+    ),
 )
 BY_NAME = {b.name: b for b in BUGS}
 
@@ -151,7 +158,8 @@ class RecipeError(Exception):
 
 def _function_body(lines: list[str], name: str, where: str) -> tuple[int, int]:
     """Line indexes of the `{` and `}` (both at column 0) of function `name`'s definition."""
-    head = re.compile(r"[A-Za-z_].*\b" + re.escape(name) + r"\(")
+    # the name alone at column 0 too (QEMU's style when the return type is long)
+    head = re.compile(r"(?:[A-Za-z_].*\b)?" + re.escape(name) + r"\(")
     found: list[tuple[int, int]] = []
     for i, line in enumerate(lines):
         if not head.match(line):
