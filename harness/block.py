@@ -24,14 +24,18 @@ def blockdev(options: dict[str, Any]) -> list[str]:
 
 
 def qcow2_node(path: str | Path, node: str, read_only: bool = False,
-               **extra: Any) -> dict[str, Any]:
+               file_node: str | None = None, **extra: Any) -> dict[str, Any]:
     """Options for a qcow2 node over a file node, as ``-blockdev`` or ``blockdev-add`` take.
 
-    ``extra`` keywords are QMP names with ``_`` for ``-`` (``backing=None``)."""
+    ``file_node`` names the file node (QEMU makes up a name otherwise), for a filter to be
+    put between the two later (a ``blkdebug`` that injects I/O errors). ``extra`` keywords
+    are QMP names with ``_`` for ``-`` (``backing=None``)."""
     opts: dict[str, Any] = {
         "driver": "qcow2", "node-name": node,
         "file": {"driver": "file", "filename": str(path)},
     }
+    if file_node is not None:
+        opts["file"]["node-name"] = file_node
     if read_only:
         opts["read-only"] = True
     opts.update({k.replace("_", "-"): v for k, v in extra.items()})

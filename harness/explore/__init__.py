@@ -8,7 +8,8 @@ the very last byte), bitmaps of any granularity (persistent or not, disabled), e
 disable, clear, merge (across granularities and nodes), remove (also in a
 ``transaction``), external snapshots, active and intermediate commits, read-only and
 read-write reopens, clean restarts, SIGKILL and restart, grow and shrink, push backups
-with every sync and bitmap mode, offline ``qemu-img bitmap`` (also ``--merge`` from
+with every sync and bitmap mode, pull backups, mirrors, guest requests that fail with an
+I/O error (``blkdebug`` under the active layer), offline ``qemu-img bitmap`` (also ``--merge`` from
 another image) and ``convert --bitmaps`` (also ``--skip-broken-bitmaps``).
 
 The invariant after every step is the oracle's (``harness/oracle.py``): every bitmap
@@ -25,7 +26,7 @@ Known QEMU bugs are avoided by the rules, not reported again: a merge always nam
 least one source (the empty-list merge SIGSEGV of ``cases/test_bitmap_qmp.py``), no rule
 migrates (the skip_store bug of ``cases/test_migration.py``), and the guest's active layer
 is not reopened read-only (QEMU refuses it, and with persistent bitmaps the refusal leaves
-them read-only: ``cases/test_reopen_refused.py``, found by this modul
+them read-only: ``cases/test_reopen_refused.py``, found by this module).
 
 The package, one module per concern: :mod:`~harness.explore.steps` (the steps as data
 and the case file they print as; pure), :mod:`~harness.explore.world` (one example's case

@@ -281,6 +281,8 @@ class BitmapMachine(RuleBasedStateMachine):
         kw: dict[str, Any] = {"discard": "unmap", "read_only": ro}
         if i > 0:
             kw["backing"] = w.chain[i - 1]
+        if node in w.file_nodes:
+            kw["file_node"] = w.file_nodes[node]
         w.qmp("blockdev-reopen", options=[Call.of("qcow2_node", w.path(node), node, **kw)])
         w.end_step(f"reopen {node} read-{'only' if ro else 'write'}")
 
@@ -428,6 +430,45 @@ class BitmapMachine(RuleBasedStateMachine):
         w.finished()
         w.qmp("blockdev-del", node_name=fleece)
         w.end_step(f"pull backup of {w.top}/{src}")
+
+    # -- I/O errors ---------------------------------------------------------------------------
+
+    @precondition(lambda self: self.w.running and self.w.top in self.w.file_nodes
+                  and self.w.has("blockdev-reopen"))
+    @rule(event=st.sampled_from(["write_aio", "l2_update", "refblock_update", "pwritev"]),
+          errno=st.sampled_from([5, 28]), requests=st.lists(REQUEST, min_size=1, max_size=2))
+    def ioerror(self, event: str, errno: int, requests: list[tuple[str, bool, int, int]]) -> None:
+        """Guest requests while the active layer's file fails one write with ``errno``
+        (EIO, ENOSPC): a ``blkdebug`` filter put between the qcow2 node and its file, its
+        rule armed by ``event`` (``write_aio``: a data write; ``l2_update``,
+        ``refblock_update``: metadata of a cluster being allocated; ``pwritev``: the next
+        write of any kind), taken out again at the end of the step. A request that fails
+        may have written part of its range: the oracle requires every enabled bitmap to
+        have it dirty all the same, as QEMU marks it whatever the result."""
+        w = self.w
+        top, dbg = w.top, w.fresh("dbg")
+        kw: dict[str, Any] = {"discard": "unmap"}
+        if len(w.chain) > 1:
+            kw["backing"] = w.chain[-2]
+        if w.qmp("blockdev-add", driver="blkdebug", node_name=dbg, image=w.file_nodes[top],
+                 inject_error=[{"event": event, "iotype": "write", "errno": errno,
+                                "once": True}]):
+            w.started(Stmt(Call.of("vm.qmp_log", "blockdev-del", node_name=dbg)))
+            if w.qmp("blockdev-reopen", options=[Call.of(
+                    "qcow2_node", w.path(top), top, file=dbg, **kw)]):
+                w.started(Stmt(Call.of("vm.qmp_log", "blockdev-reopen", options=[Call.of(
+                    "qcow2_node", w.path(top), top, file=w.file_nodes[top], **kw)])))
+                done = []
+                for kind, from_end, distance, length in requests:
+                    off, n = region(w.size, from_end, distance, length)
+                    self.request(kind, off, n)
+                    done.append(f"{kind} {off:#x}+{n:#x}")
+                w.finished()
+                w.qmp("blockdev-reopen", options=[Call.of(
+                    "qcow2_node", w.path(top), top, file=w.file_nodes[top], **kw)])
+            w.finished()
+            w.qmp("blockdev-del", node_name=dbg)
+        w.end_step(f"{event} fails once with errno {errno} under {top}")
 
     # -- life and death ---------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ class World:
         self.chain: list[str] = []  # node names, bottom first; file = NAME.qcow2
         #: nodes the monitor owns (``-blockdev``, ``blockdev-add``): they outlive their users
         self.explicit: set[str] = set()
+        #: nodes whose file node has a name of ours (the active layer at launch)
+        self.file_nodes: dict[str, str] = {}
         self.sizes: dict[str, int] = {}  # each node's virtual size
         self.counter = 0
         self.running = False
@@ -166,6 +168,8 @@ class World:
                 kw["read_only"] = True
             if i > 0:
                 kw["backing"] = self.chain[i - 1]
+            if i == len(self.chain) - 1:
+                kw["file_node"] = f"{node}-file"  # named: I/O errors go between the two
             out.append(Call.of("blockdev", Call.of("qcow2_node", self.path(node), node, **kw)))
         return out
 
@@ -184,6 +188,7 @@ class World:
         self.do(Stmt(Call.of("vm.launch")))
         self.running = True
         self.explicit = set(self.chain)
+        self.file_nodes = {self.top: f"{self.top}-file"}
 
     def has(self, command: str) -> bool:
         return self.case.probe.has_command(command)
