@@ -138,6 +138,15 @@ BUGS: tuple[Bug, ...] = (
               "hbitmap_reset(hb, start, fix_count);", "delete-line"),),
     ),
     Bug(
+        "truncate-rounds-down",
+        "a bitmap resized with its disk rounds its new number of granules down: the "
+        "last, partial granule of a disk whose size is no multiple of the granularity "
+        "has no bit (a write there, or a shrink to such a size, aborts QEMU)",
+        (Edit("util/hbitmap.c", "hbitmap_truncate",
+              "size = (size + (1ULL << hb->granularity) - 1) >> hb->granularity;",
+              "replace", "size = size >> hb->granularity;"),),
+    ),
+    Bug(
         "discard-not-dirty",
         "a discard no longer marks the bitmaps of the node: the discarded range reads as "
         "zeroes (or stale data) afterwards, but an incremental backup does not copy it",
