@@ -442,9 +442,9 @@ class BitmapMachine(RuleBasedStateMachine):
         (EIO, ENOSPC): a ``blkdebug`` filter put between the qcow2 node and its file, its
         rule armed by ``event`` (``write_aio``: a data write; ``l2_update``,
         ``refblock_update``: metadata of a cluster being allocated; ``pwritev``: the next
-        write of any kind), taken out again at the end of the step. A request that fails
-        may have written part of its range: the oracle requires every enabled bitmap to
-        have it dirty all the same, as QEMU marks it whatever the result."""
+        write of any kind), taken out again at the end of the step. A failed request's
+        range is not required in the bitmaps (harness/oracle.py says why); everything
+        else must stay right, live, on disk and after a restart."""
         w = self.w
         top, dbg = w.top, w.fresh("dbg")
         kw: dict[str, Any] = {"discard": "unmap"}
