@@ -541,15 +541,10 @@ def test_bitmap_mapping_aliases(qio: Case) -> None:
     qio.show_bitmaps(after, NODE, hashes=False)
 
 
-@pytest.mark.requires(qmp=["migrate-start-postcopy"],
-                      args=["migrate-set-parameters.max-postcopy-bandwidth",
-                            "migrate-set-parameters.downtime-limit"])
-def test_postcopy_source_killed(qio: Case) -> None:
-    """Post-copy of the bitmaps alone, the source SIGKILLed while they are on the way: the
-    destination has all of the VM and runs on, but drops every bitmap still unfinished
-    (all of them: their COMPLETE chunks come last) and still reports ``completed``
-    (QEMU: "All states are migrated except dirty bitmaps"). Nothing was stored: the
-    image has no bitmaps. A new bitmap on the destination works as usual."""
+def into_bitmap_postcopy(qio: Case, dies: str) -> tuple[VM, VM]:
+    """A source and a destination in post-copy of the bitmaps alone (throttled, so they
+    are still on the way), the guest already running and written on the destination: the
+    point where the killed-side cases part. `dies` names the side, for the log."""
     qio.img.create("disk.qcow2", POSTCOPY_SIZE)
     sock = qio.sockdir / "mig.sock"
     src = vm_for(qio, "src", "disk.qcow2")
@@ -558,7 +553,7 @@ def test_postcopy_source_killed(qio: Case) -> None:
     dst.launch()
     add_bitmaps(src)
 
-    qio.log.heading("post-copy of the bitmaps; the source dies on the way")
+    qio.log.heading(f"post-copy of the bitmaps; the {dies} dies on the way")
     for vm in (src, dst):
         postcopy_caps(qio, vm, ram=False)
     migrate(src, dst, f"unix:{sock}", until=None, max_postcopy_bandwidth=THROTTLED,
@@ -568,6 +563,19 @@ def test_postcopy_source_killed(qio: Case) -> None:
     dst.event_wait("RESUME")
     qio.log.log("dst: RESUME")
     writes(dst, NODE, AFTER, 0x44)
+    return src, dst
+
+
+@pytest.mark.requires(qmp=["migrate-start-postcopy"],
+                      args=["migrate-set-parameters.max-postcopy-bandwidth",
+                            "migrate-set-parameters.downtime-limit"])
+def test_postcopy_source_killed(qio: Case) -> None:
+    """Post-copy of the bitmaps alone, the source SIGKILLed while they are on the way: the
+    destination has all of the VM and runs on, but drops every bitmap still unfinished
+    (all of them: their COMPLETE chunks come last) and still reports ``completed``
+    (QEMU: "All states are migrated except dirty bitmaps"). Nothing was stored: the
+    image has no bitmaps. A new bitmap on the destination works as usual."""
+    src, dst = into_bitmap_postcopy(qio, dies="source")
     src.kill(signal.SIGKILL)
     qio.log.log("src: killed with SIGKILL")
     assert wait_migration(dst) == "completed"
@@ -591,24 +599,7 @@ def test_postcopy_destination_killed(qio: Case) -> None:
     source still has every bitmap as it sent it, and its images stay handed over, so when
     it quits it stores nothing: the image has no bitmaps (none was stored before), not a
     stale copy that would load as valid."""
-    qio.img.create("disk.qcow2", POSTCOPY_SIZE)
-    sock = qio.sockdir / "mig.sock"
-    src = vm_for(qio, "src", "disk.qcow2")
-    dst = vm_for(qio, "dst", "disk.qcow2", incoming="defer")
-    src.launch()
-    dst.launch()
-    add_bitmaps(src)
-
-    qio.log.heading("post-copy of the bitmaps; the destination dies on the way")
-    for vm in (src, dst):
-        postcopy_caps(qio, vm, ram=False)
-    migrate(src, dst, f"unix:{sock}", until=None, max_postcopy_bandwidth=THROTTLED,
-            downtime_limit=SHORT_DOWNTIME)
-    src.qmp_log("migrate-start-postcopy")
-    assert wait_migration(src, until=("postcopy-active",)) == "postcopy-active"
-    dst.event_wait("RESUME")
-    qio.log.log("dst: RESUME")
-    writes(dst, NODE, AFTER, 0x44)
+    src, dst = into_bitmap_postcopy(qio, dies="destination")
     dst.kill(signal.SIGKILL)
     qio.log.log("dst: killed with SIGKILL")
     assert wait_migration(src, until=("postcopy-paused",)) == "postcopy-paused"
