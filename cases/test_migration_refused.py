@@ -164,6 +164,9 @@ def carried(qio: Case, src: VM, n: int, dst_map: list[dict[str, Any]] | None = N
         dst.qmp_log("migrate-set-parameters", block_bitmap_mapping=dst_map)
     assert migrate(src, dst, f"unix:{qio.sockdir / f'mig{n}.sock'}",
                    until=MIGRATION_ENDS) == "completed"
+    # the source is done before the destination has enabled what it received (it does
+    # that as its guest resumes, then says completed): look only after that
+    assert wait_migration(dst) == "completed"
     qio.show_bitmaps(dst, NODE, hashes=False)
     qio.check_live(dst, NODE)
     return dst
