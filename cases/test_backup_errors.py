@@ -43,17 +43,10 @@ EIO = 5
 
 
 def start(qio: Case, rules: tuple[dict[str, Any], ...] = ()) -> VM:
-    """The source: qcow2 over a blkdebug (with ``rules``) over the file ``src.qcow2``."""
-    qio.img.create("src.qcow2", SIZE)
-    dbg: dict[str, Any] = {"driver": "blkdebug", "node-name": "dbg0",
-                           "image": {"driver": "file", "node-name": "file0",
-                                     "filename": str(qio.path("src.qcow2"))}}
-    if rules:
-        dbg["inject-error"] = list(rules)
-    vm = qio.vm(machine_type="none",
-                args=blockdev({"driver": "qcow2", "node-name": NODE, "file": dbg}))
-    vm.launch()
-    return vm
+    """The source: qcow2 over a blkdebug ``dbg0`` (with ``rules``) over the file node
+    ``file0`` of ``src.qcow2``."""
+    return qio.vm_on("src.qcow2", NODE, create=SIZE, file_node="file0", blkdebug="dbg0",
+                     inject=rules, launch=True)
 
 
 def bitmap_add(name: str, **more: Any) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from harness.backup import (
     nbd_server_start,
     reference,
 )
-from harness.block import blockdev
 from harness.errors import LaunchError, OracleFailure
 from harness.model import Extents, format_ranges
 from harness.qcow2 import BME_FLAG_AUTO, BME_FLAG_IN_USE
@@ -53,13 +52,8 @@ REQUIRES = pytest.mark.requires(qmp=["nbd-server-start", "block-export-add"],
 
 def start(qio: Case) -> VM:
     """The source: qcow2 with ``discard=unmap`` (so a discard reaches the driver)."""
-    if not qio.path("src.qcow2").exists():
-        qio.img.create("src.qcow2", SIZE)
-    vm = qio.vm(machine_type="none", args=blockdev({
-        "driver": "qcow2", "node-name": NODE, "discard": "unmap",
-        "file": {"driver": "file", "filename": str(qio.path("src.qcow2"))}}))
-    vm.launch()
-    return vm
+    return qio.vm_on("src.qcow2", NODE, discard="unmap", launch=True,
+                     create=None if qio.path("src.qcow2").exists() else SIZE)
 
 
 def fleecing(qio: Case, vm: VM, inject: tuple[dict[str, Any], ...] = (),

@@ -172,7 +172,9 @@ class Case:
 
     def vm_on(self, image: str, node: str = "drive0", name: str = "vm0", *,
               create: int | None = None, backing: Sequence[str] = (),
-              read_only: bool = False, file_node: str | None = None, device: bool = False,
+              read_only: bool = False, file_node: str | None = None,
+              blkdebug: str | None = None, inject: Sequence[dict[str, Any]] = (),
+              discard: str | None = None, device: bool = False,
               guest: bool = False, incoming: str | None = None,
               machine_type: str | None = None, launch: bool = False, **kw: Any) -> VM:
         """A VM on a qcow2 image of the scratch dir, opened as node ``node``: the shape
@@ -182,7 +184,10 @@ class Case:
         bottom first, each opened read-only as a node named after its file (``base.qcow2``
         is ``base``) and the backing of the next, as a management tool opens a chain.
         ``read_only``: the node itself is. ``file_node``: its file node gets that name, so
-        a ``blkdebug`` filter can later be put between. ``device``: a virtio-blk device
+        a ``blkdebug`` filter can later be put between. ``blkdebug``: a ``blkdebug`` node of
+        that name between the node and its file from the start, with the ``inject-error``
+        rules ``inject``. ``discard``: the node's ``discard`` option (``unmap``: a discard
+        reaches the driver). ``device``: a virtio-blk device
         ``disk0`` on the node; writes through ``disk0/virtio-backend`` land in whatever its
         active layer is, as a guest's do. ``guest``: a Linux guest that writes through
         that device (see :meth:`vm`). ``incoming``: ``-incoming`` (``defer`` or a URI), a
@@ -197,11 +202,15 @@ class Case:
             stem = Path(layer).name.removesuffix(".qcow2")
             args += blockdev(qcow2_node(self.path(layer), stem, read_only=True, backing=below))
             below = stem
-        top = qcow2_node(self.path(image), node, read_only=read_only)
+        top = qcow2_node(self.path(image), node, read_only=read_only,
+                         **({"discard": discard} if discard is not None else {}))
         if file_node is not None:
             args += blockdev({"driver": "file", "filename": str(self.path(image)),
                               "node-name": file_node})
             top["file"] = file_node
+        if blkdebug is not None:
+            top["file"] = {"driver": "blkdebug", "node-name": blkdebug, "image": top["file"],
+                           **({"inject-error": list(inject)} if inject else {})}
         if below is not None:
             top["backing"] = below
         args += blockdev(top)
