@@ -59,6 +59,7 @@ from harness.actions import (
     incremental_backup,
     migrate,
     migration_caps,
+    migration_completed,
     wait_migration,
     writes,
 )
@@ -127,8 +128,7 @@ def test_shared_storage_precopy(qio: Case, capability: bool) -> None:
     assert migrate(src, dst, f"unix:{sock}", max_bandwidth=THROTTLED) == "active"
     writes(src, NODE, DURING, 0x33)
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst) == "completed"
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, NODE, hashes=False)
     qio.check_live(dst, NODE)
 
@@ -202,8 +202,7 @@ def test_failed_migration_keeps_source_bitmaps(qio: Case, how: str) -> None:
     start_throttled(qio, src, dst2, second)
     writes(src, NODE, ((0x500000, 0x10000),), 0x55)
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst2) == "completed"
+    migration_completed(src, dst2)
     qio.show_bitmaps(dst2, NODE, hashes=False)
     incremental_backup(qio, dst2, NODE, "disk.qcow2", SIZE, 2, chain)
 
@@ -338,8 +337,7 @@ def test_shared_storage_postcopy(qio: Case, ram: bool) -> None:
     qio.show_bitmaps(dst, NODE, hashes=False)
     writes(dst, NODE, AFTER, 0x44)
     src.qmp_log("migrate-set-parameters", max_postcopy_bandwidth=RELEASED)
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst) == "completed"
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, NODE, hashes=False)
     qio.check_live(dst, NODE)
     src.shutdown()
@@ -406,8 +404,7 @@ def finish_storage_migration(qio: Case, src: VM, dst: VM, n: int) -> None:
     assert src.run_job(f"mirror{n}") is None
     src.qmp_log("blockdev-del", node_name=f"target{n}")
     src.qmp_log("migrate-continue", state="pre-switchover")
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst) == "completed"
+    migration_completed(src, dst)
     dst.qmp_log("nbd-server-stop")
 
 
@@ -527,8 +524,7 @@ def test_bitmap_mapping_aliases(qio: Case) -> None:
     assert migrate(src, dst, f"unix:{sock}", max_bandwidth=THROTTLED) == "active"
     writes(src, NODE, DURING, 0x33)
     src.qmp_log("migrate-set-parameters", max_bandwidth=RELEASED)
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst) == "completed"
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, OTHER, hashes=False)
     qio.check_live(dst, OTHER)
 
@@ -659,8 +655,7 @@ def test_guest_writes_while_migrating(qio: Case, postcopy: bool) -> None:
         qio.show_bitmaps(dst, NODE, hashes=False)
         dst.guest.write(0x200000, 0x20000, 0x44)  # the bitmaps are still on the way
         src.qmp_log("migrate-set-parameters", max_postcopy_bandwidth=RELEASED)
-    assert wait_migration(src) == "completed"
-    assert wait_migration(dst) == "completed"
+    migration_completed(src, dst)
     if not postcopy:
         dst.guest.continues_from(src.guest)
         qio.check_live(dst, NODE)

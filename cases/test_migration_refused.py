@@ -44,6 +44,7 @@ from harness.actions import (
     incremental_backup,
     migrate,
     migration_caps,
+    migration_completed,
     wait_migration,
     writes,
 )
@@ -162,11 +163,8 @@ def carried(qio: Case, src: VM, n: int, dst_map: list[dict[str, Any]] | None = N
         migration_caps(v, events=True, dirty_bitmaps=True)
     if dst_map is not None:
         dst.qmp_log("migrate-set-parameters", block_bitmap_mapping=dst_map)
-    assert migrate(src, dst, f"unix:{qio.sockdir / f'mig{n}.sock'}",
-                   until=MIGRATION_ENDS) == "completed"
-    # the source is done before the destination has enabled what it received (it does
-    # that as its guest resumes, then says completed): look only after that
-    assert wait_migration(dst) == "completed"
+    migrate(src, dst, f"unix:{qio.sockdir / f'mig{n}.sock'}", until=None)
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, NODE, hashes=False)
     qio.check_live(dst, NODE)
     return dst
@@ -296,9 +294,8 @@ def test_drive_names_the_bitmaps(qio: Case) -> None:
     dst.launch()
     for v in (src, dst):
         migration_caps(v, events=True, dirty_bitmaps=True)
-    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig2.sock'}",
-                   until=MIGRATION_ENDS) == "completed"
-    assert wait_migration(dst) == "completed"
+    migrate(src, dst, f"unix:{qio.sockdir / 'mig2.sock'}", until=None)
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, OTHER, hashes=False)
     qio.check_live(dst, OTHER)
     writes(dst, OTHER, ((0x800000, 0x1000),), 0x33)
@@ -341,9 +338,8 @@ def test_drive_with_a_filter(qio: Case) -> None:
     dst.launch()
     for v in (src, dst):
         migration_caps(v, events=True, dirty_bitmaps=True)
-    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}",
-                   until=MIGRATION_ENDS) == "completed"
-    assert wait_migration(dst) == "completed"
+    migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}", until=None)
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, NODE, hashes=False)
     qio.check_live(dst, NODE)
 
@@ -446,9 +442,8 @@ def test_destination_transform(qio: Case, how: str) -> None:
     for v, m in ((src, one_bitmap_map(NODE, src_t)), (dst, one_bitmap_map(OTHER, dst_t))):
         migration_caps(v, events=True, dirty_bitmaps=True)
         v.qmp_log("migrate-set-parameters", block_bitmap_mapping=m)
-    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}",
-                   until=MIGRATION_ENDS) == "completed"
-    assert wait_migration(dst) == "completed"
+    migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}", until=None)
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, OTHER, hashes=False)
     writes(dst, OTHER, MORE, 0x22)
     src.shutdown()
@@ -470,9 +465,8 @@ def test_mapping_lists_no_bitmap(qio: Case) -> None:
     src.qmp_log("migrate-set-parameters", block_bitmap_mapping=mapping(NODE, NODE))
     for v in (src, dst):
         migration_caps(v, events=True, dirty_bitmaps=True)
-    assert migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}",
-                   until=MIGRATION_ENDS) == "completed"
-    assert wait_migration(dst) == "completed"
+    migrate(src, dst, f"unix:{qio.sockdir / 'mig.sock'}", until=None)
+    migration_completed(src, dst)
     qio.show_bitmaps(dst, NODE, hashes=False)
     writes(dst, NODE, MORE, 0x22)
 

@@ -164,6 +164,16 @@ def migrate(src: VM, dst: VM, uri: str, until: Sequence[str] | None = ("active",
     return None if until is None else wait_migration(src, until=until)
 
 
+def migration_completed(src: VM, dst: VM) -> None:
+    """Wait for a migration's end on the source, then on the destination; both must say
+    ``completed``. The destination says so only once it has enabled the bitmaps it received
+    and its guest runs again: before that, its bitmaps show as not recording even though
+    the source is done. A case looks at the destination only after this."""
+    for vm in (src, dst):
+        status = wait_migration(vm)
+        assert status == "completed", f"{vm.name}: the migration ended {status}"
+
+
 #: where a migration stops moving: its end, or a pause that waits for the case
 MIGRATION_ENDS = ("completed", "failed", "cancelled")
 
