@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from harness.actions import writes
 from harness.backup import (
     NbdExport,
     Reference,
@@ -54,6 +55,13 @@ def start(qio: Case) -> VM:
     """The source: qcow2 with ``discard=unmap`` (so a discard reaches the driver)."""
     return qio.vm_on("src.qcow2", NODE, discard="unmap", launch=True,
                      create=None if qio.path("src.qcow2").exists() else SIZE)
+
+
+def written_with_b0(qio: Case, vm: VM) -> Reference:
+    """The writes ``W0``, then b0, then reference 0 of the disk as the view must show it."""
+    writes(vm, NODE, W0, 0x11)
+    vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", granularity=GRAN)
+    return reference(qio, vm, NODE, "src.qcow2", 0)
 
 
 def fleecing(qio: Case, vm: VM, inject: tuple[dict[str, Any], ...] = (),
@@ -112,10 +120,7 @@ def view_read_fails(qio: Case, export: NbdExport, offset: int, length: int) -> N
 def test_discard_and_zeroes_under_the_view(qio: Case) -> None:
     vm = start(qio)
     qio.log.heading("writes; then b0, and a view of the disk exported over NBD")
-    for off, length in W0:
-        vm.qemu_io(NODE, f"write -P 0x11 {off:#x} {length:#x}", log=True)
-    vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", granularity=GRAN)
-    ref = reference(qio, vm, NODE, "src.qcow2", 0)
+    ref = written_with_b0(qio, vm)
     export = fleecing(qio, vm)
 
     qio.log.heading("through the filter: a discard, a zero write, a zero write that may "
@@ -165,10 +170,7 @@ def test_failed_copy(qio: Case, on_error: str) -> None:
     """The filter's copy into the fleecing image fails once (EIO)."""
     vm = start(qio)
     qio.log.heading("writes; b0; a view whose fleecing image fails its first writes")
-    for off, length in W0:
-        vm.qemu_io(NODE, f"write -P 0x11 {off:#x} {length:#x}", log=True)
-    vm.qmp_log("block-dirty-bitmap-add", node=NODE, name="b0", granularity=GRAN)
-    ref = reference(qio, vm, NODE, "src.qcow2", 0)
+    ref = written_with_b0(qio, vm)
     # break-guest-write: one failure for each of the write, discard and zero write below
     failures = 3 if on_error == "break-guest-write" else 1
     export = fleecing(qio, vm, inject=(COPY_EIO,) * failures, on_cbw_error=on_error,
